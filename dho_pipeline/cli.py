@@ -1,0 +1,168 @@
+"""The `dho` command line: make shards, cache the teacher, train and evaluate students."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dho_pipeline.config import ConfigError, PipelineConfig, load_config
+
+CONFIG_HELP = "The experiment file (see pipeline.yaml in the repository)."
+SET_HELP = "Override one config key, e.g. --set train.lr=5e-4 (repeatable)."
+
+
+def _config(config: Path | None, overrides: tuple[str, ...]) -> PipelineConfig:
+    try:
+        return load_config(config, list(overrides))
+    except ConfigError as e:
+        raise click.UsageError(f"{config or 'config'}: {e}") from None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+class DhoGroup(click.Group):
+    """Report dho's own input errors (bad config, shard, store, file) as one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from dho_pipeline.samples import ShardDataError
+        from dho_pipeline.store import StoreMismatch
+
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, ShardDataError, StoreMismatch, FileNotFoundError, FileExistsError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=DhoGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dho")
+def main() -> None:
+    """Distil a CLIP teacher into a small dual-head student (DHO, arXiv 2505.07675).
+
+    \b
+    The usual flow:
+      dho make-shards SOURCE shards/        # images -> WebDataset shards + manifest
+      dho cache-teacher -c pipeline.yaml    # teacher logits -> Zarr store (once, big GPU)
+      dho train-student -c pipeline.yaml    # dual-head student from the store (many times)
+      dho evaluate runs/x/final.pt          # alpha/beta search on val, test accuracy
+    """
+
+
+@main.command("make-shards")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shots", type=click.IntRange(min=1), help="Labelled images per class (few-shot).")
+@click.option("--percent", type=click.FloatRange(0, 100, min_open=True), help="Labelled percent, per class.")
+@click.option("--val-per-class", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Validation images per class, taken from the training images.")
+@click.option("--test-per-class", type=click.IntRange(min=0), default=None,
+              help="Without a test part in SOURCE: test images per class carved from training images. "
+                   "With one: keep at most this many test images per class.")
+@click.option("--max-train-per-class", type=click.IntRange(min=1), default=None,
+              help="Use at most this many training images per class (small experiments).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Samples per shard; also the row chunk of the teacher store.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the split.")
+def make_shards(source: Path, out: Path, shots: int | None, percent: float | None, val_per_class: int,
+                test_per_class: int | None, max_train_per_class: int | None, shard_size: int, seed: int) -> None:
+    """Write labelled / unlabelled / val / test WebDataset shards from SOURCE into OUT.
+
+    SOURCE is an ImageFolder tree (one folder per class, optionally under train/ and test/) or a
+    Fashion-MNIST idx directory. Give --shots or --percent; every other training image goes to the
+    unlabelled split (its label is kept for reporting only). OUT/manifest.json lists the classes,
+    the shards with their sizes and sha256, and the counts per split.
+    """
+    from dho_pipeline.shards import write_shards
+    from dho_pipeline.sources import open_source
+    from dho_pipeline.splits import split_source
+
+    if (shots is None) == (percent is None):
+        raise click.UsageError("give exactly one of --shots or --percent")
+    src = open_source(source)
+    splits = split_source(src, shots=shots, percent=percent, val_per_class=val_per_class,
+                          test_per_class=test_per_class, max_train_per_class=max_train_per_class, seed=seed)
+    info = {"source": str(source), "shots": shots, "percent": percent, "val_per_class": val_per_class,
+            "seed": seed}
+    manifest = write_shards(src, splits, out, shard_size=shard_size, info=info)
+    counts = ", ".join(f"{s} {manifest.split_count(s)}" for s in manifest.splits)
+    click.echo(f"wrote {len(manifest.shards())} shards to {out} ({counts})")
+
+
+@main.command("cache-teacher")
+@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=CONFIG_HELP)
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace a store at the same path made with other settings.")
+@click.option("--max-shards", type=click.IntRange(min=1), default=None,
+              help="Process at most this many shards, then stop; a later run goes on from there.")
+def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bool, max_shards: int | None) -> None:
+    """Run the teacher over every shard once and write its logits to the Zarr store.
+
+    For each image: the clean view plus views.count random views (val/test: the clean view only),
+    each with its crop box and flip bit. Resumable: rerun the same command after a crash or kill and
+    only unfinished shards are computed. A store whose settings differ is refused unless --overwrite.
+    Runs under torchrun (ranks split the shards).
+    """
+    from stages import cache_teacher as stage
+
+    path = stage.run(_config(config, overrides), overwrite=overwrite, max_shards=max_shards)
+    click.echo(f"store: {path}")
+
+
+@main.group("cache")
+def cache() -> None:
+    """Look at teacher stores: list them, inspect one."""
+
+
+@cache.command("inspect")
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_inspect(store: Path, as_json: bool) -> None:
+    """Size, progress, fingerprint and teacher accuracy of STORE (from the stored logits)."""
+    from dho_pipeline.store_report import summarize
+
+    s = summarize(store)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+        return
+    click.echo(f"store        {s['path']}")
+    click.echo(f"teacher      {s['teacher']}")
+    click.echo(f"rows         {s['rows']} " + " ".join(f"{k}={v}" for k, v in s["split_rows"].items()))
+    click.echo(f"views        {s['views']} (1 clean + {s['views'] - 1} random)   classes {s['classes']}")
+    click.echo(f"dtype        {s['dtype']}   on disk {_human_bytes(s['bytes_on_disk'])}"
+               f"   per view {s['bytes_per_view']:.1f} B")
+    click.echo(f"done         {s['done_fraction']:.1%}   bad images skipped {s['bad_rows']}")
+    click.echo(f"fingerprint  {s['fingerprint']}")
+    for split, acc in s["teacher_accuracy"].items():
+        views = s["teacher_view_accuracy"][split]
+        clean = "-" if acc is None else f"{acc:.4f}"
+        on_views = "" if views is None else f"   random views {views:.4f}"
+        click.echo(f"teacher top-1 {split:<10} clean {clean}{on_views}")
+
+
+@cache.command("list")
+@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=CONFIG_HELP)
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of stores (default: cache.root).")
+def cache_list(config: Path | None, root: Path | None) -> None:
+    """The stores under cache.root with teacher, classes, views, rows, done fraction and size."""
+    from dho_pipeline.store_report import list_stores
+
+    if root is None:
+        cfg = _config(config, ())
+        root = cfg.path(cfg.cache.root)
+    stores = list_stores(root)
+    if not stores:
+        click.echo(f"no stores under {root}")
+    for s in stores:
+        if "error" in s:
+            click.echo(f"{s['path']}  unreadable: {s['error']}")
+            continue
+        click.echo(f"{s['path']}  {s['teacher']}  classes={s['classes']} views={s['views']} rows={s['rows']} "
+                   f"done={s['done_fraction']:.0%} size={_human_bytes(s['bytes_on_disk'])}")

@@ -1,0 +1,57 @@
+"""Where the work runs: device choice, torchrun process groups, mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's device and its place among torchrun's processes."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' takes CUDA when there is one, else the CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
+    if world_size == 1:
+        return Runtime(dev)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, dist.get_rank(), world_size)
+
+
+def autocast(device: torch.device, mode: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for 'auto' (or the dtype asked for); none on the CPU or for 'off'."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)

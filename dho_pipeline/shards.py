@@ -1,0 +1,160 @@
+"""Write and read the WebDataset shards: seeded labelled / unlabelled / val / test splits and their manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from dho_pipeline.sources import IdxSource, ImageFolderSource, Item
+
+SPLITS = ("labelled", "unlabelled", "val", "test")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dho-shards/1"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar file of a split and the global rows it holds: [first_row, first_row + count)."""
+
+    split: str
+    path: Path
+    first_row: int
+    count: int
+    sha256: str
+
+    @property
+    def rows(self) -> range:
+        return range(self.first_row, self.first_row + self.count)
+
+
+@dataclass
+class Manifest:
+    """What `make-shards` wrote: class names, shard size and the shards of every split."""
+
+    root: Path
+    class_names: list[str]
+    shard_size: int
+    splits: dict[str, list[Shard]]
+    info: dict
+
+    @property
+    def num_rows(self) -> int:
+        """Size of the row space (splits start at shard-size multiples, so it may exceed the sample count)."""
+        return max((s.first_row + s.count for shards in self.splits.values() for s in shards), default=0)
+
+    def split_count(self, split: str) -> int:
+        return sum(s.count for s in self.splits.get(split, []))
+
+    def split_rows(self, split: str) -> np.ndarray:
+        return np.concatenate([np.arange(s.first_row, s.first_row + s.count) for s in self.splits[split]] or [[]])
+
+    def shards(self, splits: tuple[str, ...] = SPLITS) -> list[Shard]:
+        return [s for split in splits for s in self.splits.get(split, [])]
+
+    def fingerprint(self) -> list[list]:
+        """What the cached logits depend on from the data: every shard's name, size and hash."""
+        return [[s.path.name, s.first_row, s.count, s.sha256] for s in self.shards()]
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shards(
+    source: IdxSource | ImageFolderSource,
+    splits: dict[str, list[Item]],
+    out: Path,
+    *,
+    shard_size: int = 1000,
+    info: dict | None = None,
+) -> Manifest:
+    """Write each split as tar shards of `shard_size` samples and a manifest.json beside them.
+
+    Every split starts at a row that is a multiple of `shard_size`, so a shard is exactly one chunk
+    of the teacher-logit store. Each sample holds the image bytes as found, `cls` and its global row `id`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():
+        raise FileExistsError(f"{out / MANIFEST} exists: shards are immutable once a store refers to them; "
+                              "write to a new directory")
+    next_row = 0
+    shards: dict[str, list[Shard]] = {}
+    total = sum(len(v) for v in splits.values())
+    with tqdm(total=total, desc="make-shards", unit="img") as bar:
+        for split in SPLITS:
+            items = splits.get(split, [])
+            first = next_row
+            with wds.ShardWriter(str(out / f"{split}-%05d.tar"), maxcount=shard_size, verbose=0) as sink:
+                for i, item in enumerate(items):
+                    data, ext = source.read(item.ref)
+                    row = first + i
+                    sink.write({"__key__": f"{row:09d}", ext: data, "cls": item.label, "id": row})
+                    bar.update()
+            shards[split] = [
+                Shard(split, out / f"{split}-{k:05d}.tar", first + k * shard_size,
+                      min(shard_size, len(items) - k * shard_size), "")
+                for k in range(math.ceil(len(items) / shard_size))
+            ]
+            next_row = first + math.ceil(len(items) / shard_size) * shard_size
+    shards = {k: [Shard(s.split, s.path, s.first_row, s.count, sha256_file(s.path)) for s in v]
+              for k, v in shards.items()}
+    manifest = Manifest(out, list(source.class_names), shard_size, shards, dict(info or {}))
+    counts = {k: np.bincount([it.label for it in v], minlength=len(manifest.class_names)).tolist()
+              for k, v in splits.items()}
+    manifest.info["class_counts"] = counts
+    save_manifest(manifest)
+    return manifest
+
+
+def save_manifest(manifest: Manifest) -> None:
+    doc = {
+        "format": MANIFEST_FORMAT,
+        "class_names": manifest.class_names,
+        "shard_size": manifest.shard_size,
+        "info": manifest.info,
+        "splits": {
+            split: {
+                "count": manifest.split_count(split),
+                "shards": [{"file": s.path.name, "first_row": s.first_row, "count": s.count, "sha256": s.sha256}
+                           for s in shards],
+            }
+            for split, shards in manifest.splits.items()
+        },
+    }
+    (manifest.root / MANIFEST).write_text(json.dumps(doc, indent=1))
+
+
+def load_manifest(root: Path) -> Manifest:
+    """Read `root/manifest.json`; a missing or foreign file gets an error that says what to run."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: make shards first with `dho make-shards SOURCE {root}`")
+    doc = json.loads(path.read_text())
+    if doc.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: format {doc.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    splits = {
+        split: [Shard(split, root / s["file"], s["first_row"], s["count"], s["sha256"]) for s in entry["shards"]]
+        for split, entry in doc["splits"].items()
+    }
+    return Manifest(root, doc["class_names"], doc["shard_size"], splits, doc.get("info", {}))
+
+
+def iter_shard(shard: Shard) -> Iterator[dict]:
+    """The raw samples of one shard, in order (bytes per extension, plus __key__ and __url__)."""
+    dataset = wds.WebDataset(str(shard.path), shardshuffle=False, nodesplitter=None, workersplitter=None,
+                             empty_check=False)
+    yield from dataset

@@ -1,0 +1,108 @@
+"""Image sources that `dho make-shards` reads: an ImageFolder tree or a Fashion-MNIST idx directory."""
+
+from __future__ import annotations
+
+import gzip
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_CLASSES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source image: a reference the source can read, and its class index."""
+
+    ref: object
+    label: int
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) idx file into a uint8 array: images (N, H, W) or labels (N,)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08 or ndim not in (1, 3):
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {magic:#x})")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+class IdxSource:
+    """A Fashion-MNIST-style directory: {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
+
+    def __init__(self, root: Path, class_names: list[str] | None = None):
+        self.root = Path(root)
+        self.images: dict[str, np.ndarray] = {}
+        self.labels: dict[str, np.ndarray] = {}
+        for part, prefix in (("train", "train"), ("test", "t10k")):
+            self.images[part] = read_idx(self._find(f"{prefix}-images-idx3-ubyte"))
+            self.labels[part] = read_idx(self._find(f"{prefix}-labels-idx1-ubyte"))
+        n_classes = int(self.labels["train"].max()) + 1
+        self.class_names = class_names or (
+            FASHION_MNIST_CLASSES if n_classes == 10 else [str(i) for i in range(n_classes)]
+        )
+
+    def _find(self, stem: str) -> Path:
+        for name in (stem + ".gz", stem):
+            if (self.root / name).exists():
+                return self.root / name
+        raise FileNotFoundError(f"{self.root}: missing {stem}[.gz]")
+
+    def items(self, part: str) -> list[Item]:
+        return [Item((part, i), int(y)) for i, y in enumerate(self.labels[part])]
+
+    def read(self, ref: tuple[str, int]) -> tuple[bytes, str]:
+        part, index = ref
+        buf = io.BytesIO()
+        Image.fromarray(self.images[part][index]).save(buf, format="PNG")
+        return buf.getvalue(), "png"
+
+
+class ImageFolderSource:
+    """A tree with one folder per class; with `train/` and `test/` subfolders when it has them."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.parts = {p: self.root / p for p in ("train", "test") if (self.root / p).is_dir()}
+        if "train" not in self.parts:
+            self.parts = {"train": self.root}
+        self.class_names = sorted(d.name for d in self.parts["train"].iterdir() if d.is_dir())
+        if not self.class_names:
+            raise ValueError(f"{self.parts['train']}: no class folders found")
+
+    def items(self, part: str) -> list[Item]:
+        if part not in self.parts:
+            return []
+        found = []
+        for label, name in enumerate(self.class_names):
+            folder = self.parts[part] / name
+            files = sorted(folder.iterdir()) if folder.is_dir() else []
+            found += [Item(f, label) for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        return found
+
+    def read(self, ref: Path) -> tuple[bytes, str]:
+        ext = ref.suffix.lower().lstrip(".")
+        return ref.read_bytes(), "jpg" if ext == "jpeg" else ext
+
+
+def open_source(path: Path) -> IdxSource | ImageFolderSource:
+    """Pick the source type from what the directory holds."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory")
+    if any(path.glob("train-images-idx3-ubyte*")):
+        return IdxSource(path)
+    return ImageFolderSource(path)

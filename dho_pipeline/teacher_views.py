@@ -1,0 +1,79 @@
+"""Stage one's input: per shard, batches of every image's clean view + K random views, with their boxes."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from dho_pipeline.samples import parse_sample
+from dho_pipeline.shards import Shard, iter_shard
+from dho_pipeline.views import ViewRecipe, render_view, view_params
+
+EVAL_SPLITS = ("val", "test")
+
+
+def views_for_split(split: str, recipe: ViewRecipe) -> int:
+    """Views computed per image: clean + K for training splits, the clean view alone for val and test."""
+    return 1 if split in EVAL_SPLITS else 1 + recipe.count
+
+
+class TeacherViewBatches(IterableDataset):
+    """Yields dicts of one shard's samples in fixed batches (independent of workers and restarts).
+
+    Worker w of W takes shards w, w + W, ...; use with `DataLoader(batch_size=None)`.
+    """
+
+    def __init__(self, shards: list[Shard], recipe: ViewRecipe, image_size: int, images_per_batch: int,
+                 skip_bad: bool = False):
+        self.shards = shards
+        self.recipe = recipe
+        self.image_size = image_size
+        self.images_per_batch = images_per_batch
+        self.skip_bad = skip_bad
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for index in range(worker, len(self.shards), workers):
+            yield from self._shard_batches(index)
+
+    def _shard_batches(self, index: int) -> Iterator[dict]:
+        shard = self.shards[index]
+        views = views_for_split(shard.split, self.recipe)
+        per_batch = max(1, self.images_per_batch // views)
+        pending: list[dict] = []
+        for position, raw in enumerate(iter_shard(shard)):
+            pending.append(self._render(parse_sample(raw, shard, position, self.skip_bad), views))
+            if len(pending) == per_batch:
+                yield self._collate(index, pending)
+                pending = []
+        if pending:
+            yield self._collate(index, pending)
+
+    def _render(self, sample, views: int) -> dict:
+        size = self.image_size
+        images = torch.zeros(views, 3, size, size, dtype=torch.uint8)
+        boxes = np.zeros((views, 4), np.float32)
+        flips = np.zeros(views, bool)
+        if sample.image is not None:
+            _, height, width = sample.image.shape
+            for v in range(views):
+                boxes[v], flips[v] = view_params(self.recipe, sample.row, v, width, height)
+                images[v] = render_view(sample.image, boxes[v], bool(flips[v]), size)
+        return {"row": sample.row, "label": sample.label, "bad": sample.image is None,
+                "images": images, "boxes": boxes, "flips": flips}
+
+    @staticmethod
+    def _collate(index: int, items: list[dict]) -> dict:
+        return {
+            "shard": index,
+            "rows": np.array([it["row"] for it in items]),
+            "labels": np.array([it["label"] for it in items], np.int16),
+            "bad": np.array([it["bad"] for it in items]),
+            "images": torch.stack([it["images"] for it in items]),
+            "boxes": np.stack([it["boxes"] for it in items]),
+            "flips": np.stack([it["flips"] for it in items]),
+        }

@@ -1,0 +1,98 @@
+"""Stage one: run the open_clip teacher once over every shard and write its logits to the Zarr store.
+
+Work is done shard by shard (a shard is one chunk of the store); a shard is written whole and then
+marked done, so a killed run resumes where it stopped and the result equals an uninterrupted run.
+Under torchrun, rank r takes every world_size-th pending shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dho_pipeline.config import PipelineConfig
+from dho_pipeline.runtime import autocast, init_runtime
+from dho_pipeline.shards import load_manifest
+from dho_pipeline.store import TeacherStore, build_fingerprint, default_store_path
+from dho_pipeline.teacher import load_teacher
+from dho_pipeline.teacher_views import TeacherViewBatches
+from dho_pipeline.views import ViewRecipe, normalize
+
+
+def view_recipe(cfg: PipelineConfig) -> ViewRecipe:
+    v = cfg.views
+    return ViewRecipe(v.count, tuple(v.scale), tuple(v.ratio), v.flip, v.seed)
+
+
+def store_path(cfg: PipelineConfig, fingerprint: dict) -> Path:
+    """cache.store when set, else a name derived from the fingerprint under cache.root."""
+    if cfg.cache.store:
+        return cfg.path(cfg.cache.store)
+    return default_store_path(cfg.path(cfg.cache.root), fingerprint)
+
+
+def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = None) -> Path:
+    """Fill the store for `cfg` and return its path; `max_shards` stops early (the rest on a later run)."""
+    runtime = init_runtime(cfg.train.device)
+    manifest = load_manifest(cfg.path(cfg.data.shards))
+    recipe = view_recipe(cfg)
+    teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
+    fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest)
+    path = store_path(cfg, fingerprint)
+
+    if runtime.is_main:
+        TeacherStore.open_or_create(path, fingerprint, manifest, 1 + recipe.count, overwrite)
+    runtime.barrier()
+    store = TeacherStore.open(path, mode="a")
+    store.check_fingerprint(fingerprint)
+
+    pending = [s for s in manifest.shards() if not store.shard_done(s)][runtime.rank:: runtime.world_size]
+    pending = pending[:max_shards] if max_shards is not None else pending
+    dataset = TeacherViewBatches(pending, recipe, teacher.image_size, cfg.teacher.batch_size,
+                                 skip_bad=cfg.data.on_bad_image == "skip")
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.data.num_workers, len(pending)),
+                        pin_memory=runtime.device.type == "cuda")
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    filled: dict[int, int] = {}
+    total = sum(s.count for s in pending)
+    with tqdm(total=total, desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
+              disable=not runtime.is_main) as bar:
+        for batch in loader:
+            index = batch["shard"]
+            shard = pending[index]
+            if index not in buffers:
+                buffers[index] = _empty_rows(shard.count, 1 + recipe.count, len(manifest.class_names))
+                filled[index] = 0
+            images = batch["images"].to(runtime.device, non_blocking=True)
+            n, views = images.shape[:2]
+            with autocast(runtime.device, cfg.train.amp):
+                logits = teacher.logits(normalize(images.flatten(0, 1), teacher.mean, teacher.std))
+            at = batch["rows"] - shard.first_row
+            buf = buffers[index]
+            buf["logits"][at, :views] = logits.view(n, views, -1).float().cpu().numpy()
+            buf["logits"][at[batch["bad"]]] = np.nan
+            buf["boxes"][at, :views] = batch["boxes"]
+            buf["flips"][at, :views] = batch["flips"]
+            buf["labels"][at] = batch["labels"]
+            buf["bad"][at] = batch["bad"]
+            filled[index] += n
+            bar.update(n)
+            if filled[index] == shard.count:
+                store.write_shard(shard, **buffers.pop(index))
+    runtime.barrier()
+    return path
+
+
+def _empty_rows(count: int, views: int, classes: int) -> dict[str, np.ndarray]:
+    return {
+        "logits": np.full((count, views, classes), np.nan, np.float32),
+        "boxes": np.zeros((count, views, 4), np.float32),
+        "flips": np.zeros((count, views), bool),
+        "labels": np.full(count, -1, np.int16),
+        "bad": np.zeros(count, bool),
+    }
+
