@@ -1,0 +1,166 @@
+"""Stage one: shards and splits, cached logits equal the teacher on the replayed view, resume, refusal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dho_pipeline.cli import main
+from dho_pipeline.config import load_config
+from dho_pipeline.samples import ShardDataError, parse_sample
+from dho_pipeline.shards import iter_shard, load_manifest, sha256_file, write_shards
+from dho_pipeline.splits import split_source
+from dho_pipeline.store import StoreMismatch, TeacherStore
+from dho_pipeline.teacher import load_teacher
+from dho_pipeline.views import normalize, render_view, view_params
+from stages import cache_teacher
+from tests.conftest import SHARD_SIZE, write_config
+
+
+def test_splits_are_class_balanced_and_seeded(fmnist):
+    kwargs = dict(shots=4, val_per_class=5, test_per_class=10, max_train_per_class=16)
+    a = split_source(fmnist, seed=1, **kwargs)
+    b = split_source(fmnist, seed=1, **kwargs)
+    c = split_source(fmnist, seed=2, **kwargs)
+    assert {k: len(v) for k, v in a.items()} == {"labelled": 40, "unlabelled": 120, "val": 50, "test": 100}
+    assert np.bincount([it.label for it in a["labelled"]]).tolist() == [4] * 10
+    assert [it.ref for it in a["labelled"]] == [it.ref for it in b["labelled"]]
+    assert [it.ref for it in a["labelled"]] != [it.ref for it in c["labelled"]]
+    refs = [it.ref for split in ("labelled", "unlabelled", "val") for it in a[split]]
+    assert len(set(refs)) == len(refs), "a training image landed in two splits"
+    percent = split_source(fmnist, percent=10, val_per_class=0, test_per_class=2, seed=1)
+    assert np.bincount([it.label for it in percent["labelled"]]).tolist() == [600] * 10
+
+
+def test_manifest_lists_shards_with_rows_and_hashes(shards_dir):
+    manifest = load_manifest(shards_dir)
+    assert manifest.class_names[0] == "t-shirt"
+    assert {s: manifest.split_count(s) for s in manifest.splits} == {
+        "labelled": 40, "unlabelled": 120, "val": 50, "test": 100}
+    for shard in manifest.shards():
+        assert shard.first_row % SHARD_SIZE == 0, "every shard must start a store chunk"
+        assert sha256_file(shard.path) == shard.sha256
+
+
+def test_make_shards_cli(tmp_path):
+    out = tmp_path / "shards"
+    args = ["make-shards", "/usr/share/datasets/fashion-mnist", str(out), "--shots", "1", "--val-per-class", "1",
+            "--test-per-class", "2", "--max-train-per-class", "3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["splits"]["unlabelled"]["count"] == 20
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "manifest.json exists" in again.output
+
+
+@pytest.fixture(scope="module")
+def store_path(shards_dir, teacher_file, tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("run") / "pipeline.yaml", shards_dir, teacher_file)
+    return cache_teacher.run(load_config(config))
+
+
+def test_cached_logits_equal_teacher_on_replayed_view(store_path, shards_dir, teacher_file, tmp_path):
+    cfg = load_config(write_config(tmp_path / "p.yaml", shards_dir, teacher_file))
+    manifest = load_manifest(shards_dir)
+    teacher = load_teacher(cfg.teacher, manifest.class_names, torch.device("cpu"))
+    store = TeacherStore.open(store_path)
+    recipe = cache_teacher.view_recipe(cfg)
+    shard = manifest.splits["unlabelled"][1]
+    rows = store.read_shard(shard)
+    for position, raw in enumerate(list(iter_shard(shard))[:4]):
+        sample = parse_sample(raw, shard, position, skip_bad=False)
+        for view in range(1 + recipe.count):
+            box, flip = view_params(recipe, sample.row, view, 28, 28)
+            np.testing.assert_array_equal(rows.boxes[position, view], box)
+            assert rows.flips[position, view] == flip
+            image = render_view(sample.image, box, flip, teacher.image_size)[None]
+            expected = teacher.logits(normalize(image, teacher.mean, teacher.std))[0].numpy()
+            np.testing.assert_allclose(rows.logits[position, view].astype(np.float32), expected,
+                                       rtol=2e-3, atol=2e-2)
+    assert rows.done.all() and (rows.labels >= 0).all()
+    assert len({tuple(b) for b in rows.boxes[:, 1:].reshape(-1, 4).tolist()}) > 10, "random views must differ"
+
+
+def test_eval_splits_hold_the_clean_view_only(store_path):
+    store = TeacherStore.open(store_path)
+    test_rows = store.split_rows()["test"]
+    logits = store.group["logits"][test_rows[0]: test_rows[-1] + 1]
+    assert not np.isnan(logits[:, 0]).any() and np.isnan(logits[:, 1:]).all()
+
+
+def test_interrupted_run_resumes_to_the_identical_store(store_path, shards_dir, teacher_file, tmp_path):
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file,
+                          cache={"store": str(tmp_path / "resumed.zarr")})
+    cfg = load_config(config)
+    cache_teacher.run(cfg, max_shards=3)  # stands for a job killed after three shards
+    partial = TeacherStore.open(tmp_path / "resumed.zarr")
+    assert 0 < partial.group["done"][:].sum() < len(np.concatenate(list(partial.split_rows().values())))
+    cache_teacher.run(cfg)
+    resumed, whole = TeacherStore.open(tmp_path / "resumed.zarr"), TeacherStore.open(store_path)
+    assert resumed.fingerprint == whole.fingerprint
+    for name in ("logits", "boxes", "flips", "labels", "bad", "done"):
+        np.testing.assert_array_equal(resumed.group[name][:], whole.group[name][:], err_msg=name)
+
+
+def test_store_with_other_templates_or_checkpoint_is_refused(store_path, shards_dir, teacher_file, tmp_path):
+    store = {"store": str(store_path)}
+    other_templates = write_config(tmp_path / "a.yaml", shards_dir, teacher_file, cache=store,
+                                   teacher={"templates": None, "extra_templates": ["a {}."]})
+    with pytest.raises(StoreMismatch, match=r"teacher\.templates"):
+        cache_teacher.run(load_config(other_templates))
+    other_file = tmp_path / "other.pt"
+    state = torch.load(teacher_file)
+    state["logit_scale"] = state["logit_scale"] + 1
+    torch.save(state, other_file)
+    other_checkpoint = write_config(tmp_path / "b.yaml", shards_dir, other_file, cache=store)
+    result = CliRunner().invoke(main, ["cache-teacher", "-c", str(other_checkpoint)])
+    assert result.exit_code == 1
+    assert "teacher.checkpoint_sha256" in result.output and "--overwrite" in result.output
+    assert TeacherStore.open(store_path).group["done"][:].any(), "a refused run must not touch the store"
+
+
+def test_same_settings_find_and_reuse_the_store(store_path, shards_dir, teacher_file, tmp_path):
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"root": str(store_path.parent)})
+    mtime = (store_path / "logits" / "zarr.json").stat().st_mtime_ns
+    assert cache_teacher.run(load_config(config)) == store_path
+    assert (store_path / "logits" / "zarr.json").stat().st_mtime_ns == mtime
+    listed = CliRunner().invoke(main, ["cache", "list", "--root", str(store_path.parent)])
+    assert store_path.name in listed.output and "done=100%" in listed.output
+
+
+def test_inspect_json_reports_a_finished_store(store_path):
+    result = CliRunner().invoke(main, ["cache", "inspect", str(store_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["done_fraction"] == 1.0
+    assert (report["rows"], report["views"], report["classes"], report["dtype"]) == (310, 4, 10, "float16")
+    assert report["bytes_per_view"] > 0 and len(report["fingerprint"]) == 64
+    assert set(report["teacher_accuracy"]) == {"labelled", "val", "test"}
+    assert all(0 <= acc <= 1 for acc in report["teacher_accuracy"].values())
+
+
+class CorruptOne:
+    """A source whose image number `bad` is not an image."""
+
+    def __init__(self, source, bad_ref):
+        self.source, self.bad_ref, self.class_names = source, bad_ref, source.class_names
+
+    def read(self, ref):
+        return (b"not an image", "png") if ref == self.bad_ref else self.source.read(ref)
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(fmnist, teacher_file, tmp_path):
+    splits = split_source(fmnist, shots=1, val_per_class=0, test_per_class=1, max_train_per_class=2, seed=3)
+    bad = splits["unlabelled"][5]
+    write_shards(CorruptOne(fmnist, bad.ref), splits, tmp_path / "shards", shard_size=8)
+    config = write_config(tmp_path / "p.yaml", tmp_path / "shards", teacher_file)
+    bad_row = load_manifest(tmp_path / "shards").splits["unlabelled"][0].first_row + 5
+    with pytest.raises(ShardDataError, match=rf"unlabelled-00000\.tar: sample '{bad_row:09d}': cannot decode image"):
+        cache_teacher.run(load_config(config))
+    path = cache_teacher.run(load_config(config, ["data.on_bad_image=skip"]))
+    report = json.loads(CliRunner().invoke(main, ["cache", "inspect", str(path), "--json"]).output)
+    assert report["bad_rows"] == 1 and report["done_fraction"] == 1.0
