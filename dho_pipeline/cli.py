@@ -166,3 +166,24 @@ def cache_list(config: Path | None, root: Path | None) -> None:
             continue
         click.echo(f"{s['path']}  {s['teacher']}  classes={s['classes']} views={s['views']} rows={s['rows']} "
                    f"done={s['done_fraction']:.0%} size={_human_bytes(s['bytes_on_disk'])}")
+
+
+@main.command("train-student")
+@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=CONFIG_HELP)
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--resume", is_flag=True, help="Continue from train.out_dir/last.pt when it exists.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many steps (a checkpoint is saved); continue later with --resume.")
+def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool, max_steps: int | None) -> None:
+    """Train the dual-head student from the cached teacher logits.
+
+    \b
+    train.method: dho (CE head + KD head), single_head_kd or ce_only, on the same data and store.
+    teacher.mode: cached (default; the teacher never runs) or online (the teacher runs every step,
+    for comparison). Writes train.out_dir/{metrics.jsonl,last.pt,final.pt}; final.pt holds alpha and
+    beta searched on val. Runs under torchrun (DDP).
+    """
+    from stages import train_student as stage
+
+    out = stage.run(_config(config, overrides), resume=resume, max_steps=max_steps)
+    click.echo(f"run: {out}")

@@ -17,22 +17,11 @@ from tqdm import tqdm
 from dho_pipeline.config import PipelineConfig
 from dho_pipeline.runtime import autocast, init_runtime
 from dho_pipeline.shards import load_manifest
-from dho_pipeline.store import TeacherStore, build_fingerprint, default_store_path
+from dho_pipeline.store import TeacherStore, build_fingerprint
+from dho_pipeline.store_lookup import store_path, view_recipe
 from dho_pipeline.teacher import load_teacher
 from dho_pipeline.teacher_views import TeacherViewBatches
-from dho_pipeline.views import ViewRecipe, normalize
-
-
-def view_recipe(cfg: PipelineConfig) -> ViewRecipe:
-    v = cfg.views
-    return ViewRecipe(v.count, tuple(v.scale), tuple(v.ratio), v.flip, v.seed)
-
-
-def store_path(cfg: PipelineConfig, fingerprint: dict) -> Path:
-    """cache.store when set, else a name derived from the fingerprint under cache.root."""
-    if cfg.cache.store:
-        return cfg.path(cfg.cache.store)
-    return default_store_path(cfg.path(cfg.cache.root), fingerprint)
+from dho_pipeline.views import normalize
 
 
 def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = None) -> Path:

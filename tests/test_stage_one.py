@@ -15,6 +15,7 @@ from dho_pipeline.samples import ShardDataError, parse_sample
 from dho_pipeline.shards import iter_shard, load_manifest, sha256_file, write_shards
 from dho_pipeline.splits import split_source
 from dho_pipeline.store import StoreMismatch, TeacherStore
+from dho_pipeline.store_lookup import view_recipe
 from dho_pipeline.teacher import load_teacher
 from dho_pipeline.views import normalize, render_view, view_params
 from stages import cache_teacher
@@ -68,7 +69,7 @@ def test_cached_logits_equal_teacher_on_replayed_view(store_path, shards_dir, te
     manifest = load_manifest(shards_dir)
     teacher = load_teacher(cfg.teacher, manifest.class_names, torch.device("cpu"))
     store = TeacherStore.open(store_path)
-    recipe = cache_teacher.view_recipe(cfg)
+    recipe = view_recipe(cfg)
     shard = manifest.splits["unlabelled"][1]
     rows = store.read_shard(shard)
     for position, raw in enumerate(list(iter_shard(shard))[:4]):

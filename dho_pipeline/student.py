@@ -1,0 +1,85 @@
+"""The dual-head student: a timm (or open_clip visual) backbone with a CE head and a KD head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dho_pipeline.config import StudentConfig
+from dho_pipeline.teacher import LOGIT_SCALE, register_model_configs
+from dho_pipeline.templates import resolve_templates
+
+
+@dataclass(frozen=True)
+class StudentData:
+    """The student's input: square size and normalisation constants."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class DualHeadStudent(nn.Module):
+    """z = f(x); ce = h_ce(z); kd = h_kd(z), or 100 * h_kd(normalise(z)) when `kd_on_normalized`."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, kd_on_normalized: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.ce_head = nn.Linear(feature_dim, num_classes)
+        self.kd_head = nn.Linear(feature_dim, num_classes, bias=not kd_on_normalized)
+        self.kd_on_normalized = kd_on_normalized
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.backbone(images)
+        if self.kd_on_normalized:
+            return self.ce_head(z), LOGIT_SCALE * self.kd_head(F.normalize(z, dim=-1))
+        return self.ce_head(z), self.kd_head(z)
+
+
+def _timm_student(cfg: StudentConfig, num_classes: int, base: Path) -> tuple[DualHeadStudent, StudentData]:
+    if cfg.pretrained_file:
+        weights = base / cfg.pretrained_file
+        if not weights.is_file():
+            raise FileNotFoundError(f"student.pretrained_file: {weights} not found")
+        backbone = timm.create_model(cfg.model, pretrained=True, num_classes=0,
+                                     pretrained_cfg_overlay=dict(file=str(weights)))
+    else:
+        backbone = timm.create_model(cfg.model, pretrained=False, num_classes=0)
+    data = timm.data.resolve_model_data_config(backbone)
+    size = cfg.image_size or int(data["input_size"][-1])
+    student = DualHeadStudent(backbone, backbone.num_features, num_classes)
+    return student, StudentData(size, tuple(cfg.image_mean or data["mean"]), tuple(cfg.image_std or data["std"]))
+
+
+def _open_clip_student(cfg: StudentConfig, class_names: list[str], templates: list[str],
+                       base: Path) -> tuple[DualHeadStudent, StudentData]:
+    """The ImageNet recipe: CLIP image tower, both heads initialised from the class text embeddings."""
+    register_model_configs()
+    pretrained = str(base / cfg.pretrained_file) if cfg.pretrained_file else None
+    clip = open_clip.create_model(cfg.model, pretrained=pretrained)
+    with torch.no_grad():
+        weights = open_clip.build_zero_shot_classifier(
+            clip, open_clip.get_tokenizer(cfg.model), class_names, templates).float().T  # (C, D)
+    student = DualHeadStudent(clip.visual, weights.shape[1], len(class_names), kd_on_normalized=True)
+    with torch.no_grad():
+        student.ce_head.weight.copy_(weights)
+        student.ce_head.bias.zero_()
+        student.kd_head.weight.copy_(weights)
+    pre = open_clip.get_model_preprocess_cfg(clip)
+    size = pre["size"][0] if isinstance(pre["size"], (tuple, list)) else pre["size"]
+    return student, StudentData(cfg.image_size or int(size), tuple(cfg.image_mean or pre["mean"]),
+                                tuple(cfg.image_std or pre["std"]))
+
+
+def build_student(cfg: StudentConfig, class_names: list[str], templates: list[str] | None = None,
+                  base: Path = Path(".")) -> tuple[DualHeadStudent, StudentData]:
+    """The student named by the config and the input it expects."""
+    if cfg.kind == "open_clip":
+        return _open_clip_student(cfg, class_names, templates or resolve_templates("generic"), base)
+    return _timm_student(cfg, len(class_names), base)
