@@ -187,3 +187,57 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
 
     out = stage.run(_config(config, overrides), resume=resume, max_steps=max_steps)
     click.echo(f"run: {out}")
+
+
+@main.command("evaluate")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--shards", "extra", multiple=True, metavar="NAME=PATTERN",
+              help="An extra test set, e.g. --shards sketch='ood/sketch-*.tar' (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: bool) -> None:
+    """Search alpha/beta on val and report test top-1 of each head, both combinations and the teacher.
+
+    The combination is p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta); alpha in 0..1 by 0.05
+    and beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4} by default (eval section of pipeline.yaml).
+    """
+    from stages import evaluate as stage
+
+    sets = {}
+    for item in extra:
+        name, sep, pattern = item.partition("=")
+        if not sep or not name or not pattern:
+            raise click.UsageError(f"--shards {item!r}: expected NAME=PATTERN")
+        sets[name] = pattern
+    result = stage.run(checkpoint, sets, device)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    click.echo(f"alpha {result['alpha']:.2f}  beta {result['beta']:.2f}  (searched on val)")
+
+    def row(name: str, r: dict, teacher: float | None = None) -> str:
+        t = "" if teacher is None else f"  teacher {teacher:.4f}"
+        return (f"{name:<10} ce_head {r['ce_head']:.4f}  kd_head {r['kd_head']:.4f}  combined default "
+                f"{r['combined_default']:.4f}  searched {r['combined_searched']:.4f}{t}  ({r['images']} images)")
+
+    click.echo(row("test", result, result["teacher"]))
+    for name, r in result["extra"].items():
+        click.echo(row(name, r))
+
+
+@main.command("predict")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: image -> [[class, prob], ...].")
+def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str, as_json: bool) -> None:
+    """Classify IMAGES with a trained student (both heads combined with its stored alpha/beta)."""
+    from dho_pipeline.predict import predict_files
+
+    result = predict_files(checkpoint, list(images), top_k, device)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    for image, top in result.items():
+        click.echo(f"{image}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))

@@ -1,0 +1,37 @@
+"""Rebuild a trained student from its checkpoint, without its pretrained weights or the teacher."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dho_pipeline.checkpoint import load_checkpoint
+from dho_pipeline.config import StudentConfig
+from dho_pipeline.student import DualHeadStudent, StudentData, build_student
+
+
+@dataclass
+class TrainedStudent:
+    model: DualHeadStudent
+    data: StudentData
+    class_names: list[str]
+    alpha: float
+    beta: float
+    checkpoint: dict
+
+
+def load_student(path: Path, device: torch.device) -> TrainedStudent:
+    """The model of a final.pt (or last.pt) on `device`, in eval mode, with its alpha and beta."""
+    ckpt = load_checkpoint(path)
+    if "alpha" not in ckpt:
+        raise ValueError(f"{path}: a checkpoint of an unfinished run (no alpha/beta yet): use final.pt")
+    cfg = StudentConfig(**ckpt["config"]["student"])
+    cfg = dataclasses.replace(cfg, pretrained_file=None)  # the state dict below holds every weight
+    model, _ = build_student(cfg, ckpt["class_names"], ckpt["config"]["teacher"]["extra_templates"] or None)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    data = StudentData(**ckpt["student_data"])
+    return TrainedStudent(model, data, ckpt["class_names"], ckpt["alpha"], ckpt["beta"], ckpt)

@@ -1,0 +1,72 @@
+"""Evaluate a trained student: alpha/beta search on val, top-1 on test and on extra shard sets."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dho_pipeline.config import EvalConfig
+from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs, search_alpha_beta
+from dho_pipeline.runtime import pick_device
+from dho_pipeline.shards import Shard, load_manifest
+from dho_pipeline.store import TeacherStore
+from dho_pipeline.student_checkpoint import load_student
+from dho_pipeline.student_stream import clean_batches
+from dho_pipeline.views import CLEAN_VIEW
+
+
+def extra_shards(name: str, pattern: str) -> list[Shard]:
+    """The tar files matching `pattern` as an unchecked shard set (no manifest, no rows in the store)."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"--shards {name}={pattern}: no files match")
+    return [Shard(name, Path(p), -1, 0, "") for p in paths]
+
+
+def teacher_accuracy(store_path: str | None, out: HeadOutputs) -> float | None:
+    """The cached teacher's top-1 on the same rows (clean view), when the store is at hand."""
+    if not store_path or not Path(store_path).exists():
+        return None
+    store = TeacherStore.open(store_path)
+    rows = out.rows.numpy()
+    lo, hi = rows.min(), rows.max() + 1
+    logits = store.group["logits"][lo:hi, CLEAN_VIEW][rows - lo].astype(np.float32)
+    return accuracy(torch.from_numpy(logits), out.labels)
+
+
+def report(out: HeadOutputs, alpha: float, beta: float, default_alpha: float, default_beta: float) -> dict:
+    return {
+        "ce_head": accuracy(out.ce, out.labels),
+        "kd_head": accuracy(out.kd, out.labels),
+        "combined_default": accuracy(combine(out.ce, out.kd, default_alpha, default_beta), out.labels),
+        "combined_searched": accuracy(combine(out.ce, out.kd, alpha, beta), out.labels),
+        "images": len(out.labels),
+    }
+
+
+def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "auto") -> dict:
+    """Search alpha/beta on val, then report every head and combination on test and the extra sets."""
+    dev = pick_device(device)
+    student = load_student(checkpoint, dev)
+    cfg = EvalConfig(**student.checkpoint["config"]["eval"])
+    manifest = load_manifest(student.checkpoint["shards"])
+
+    def outputs(shards: list[Shard]) -> HeadOutputs:
+        return head_outputs(student.model, clean_batches(shards, student.data.image_size, cfg.batch_size),
+                            student.data, dev)
+
+    alpha, beta = cfg.default_alpha, cfg.default_beta
+    result: dict = {"method": student.checkpoint.get("method", "dho")}
+    if manifest.splits.get("val"):
+        val = outputs(manifest.splits["val"])
+        alpha, beta, val_acc = search_alpha_beta(val, cfg.alpha_grid, cfg.beta_grid)
+        result["val_combined_searched"] = val_acc
+    test = outputs(manifest.splits["test"])
+    result.update(report(test, alpha, beta, cfg.default_alpha, cfg.default_beta))
+    result.update(alpha=alpha, beta=beta, teacher=teacher_accuracy(student.checkpoint.get("store"), test))
+    result["extra"] = {name: report(outputs(extra_shards(name, pattern)), alpha, beta, cfg.default_alpha,
+                                    cfg.default_beta) for name, pattern in (extra or {}).items()}
+    return result
