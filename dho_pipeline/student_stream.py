@@ -4,8 +4,8 @@ Order. Epoch e permutes the split's shards with seed (seed, e); consumer c of C 
 workers) takes shards c, c + C, ... of that order, or, when there are fewer shards than consumers,
 every C-th sample of all of them. Inside a shard, samples come in a permutation seeded by (seed, e, shard).
 A consumer runs through epochs without end, so DataLoader's round-robin over workers is exact and
-batch g of a rank is batch g // W of worker g % W: resuming at step s skips those batches by arithmetic,
-without reading them.
+batch g of a rank is batch g // W of (logical) worker g % W: resuming at step s skips those batches by
+arithmetic, without reading them.
 
 Views. In epoch e, row r uses cached view 1 + (r + e + seed) mod K, so every view is used once every K
 epochs. Its crop box and flip come from the store and are replayed on the decoded image. Online mode
@@ -71,10 +71,15 @@ class StudentStream(IterableDataset):
                 self.bad_rows.update(int(r) for r in np.flatnonzero(rows.bad) + shard.first_row)
 
     def _consumer(self) -> tuple[int, int, int, int]:
-        """(consumer id, consumer count, this worker's id, worker count)."""
+        """(consumer id, consumer count, logical worker id, worker count).
+
+        DataLoader asks worker 0 first, also after a resume at batch s; so physical worker w plays the
+        stream of logical worker (w + s) mod W, whose turn global batch s is.
+        """
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers, worker, workers
+        logical = (worker + self.start_batch) % workers
+        return self.rank * workers + logical, self.world_size * workers, logical, workers
 
     def epoch_plan(self, epoch: int, consumer: int, consumers: int) -> list[tuple[int, np.ndarray]]:
         """This consumer's (shard index, sample positions) for one epoch, in order; bad rows left out."""
