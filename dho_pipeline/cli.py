@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -18,6 +19,12 @@ def _config(config: Path | None, overrides: tuple[str, ...]) -> PipelineConfig:
         return load_config(config, list(overrides))
     except ConfigError as e:
         raise click.UsageError(f"{config or 'config'}: {e}") from None
+
+
+def _echo_main(message: str) -> None:
+    """Print once under torchrun: from rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(message)
 
 
 def _human_bytes(n: float) -> str:
@@ -112,7 +119,7 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
     from stages import cache_teacher as stage
 
     path = stage.run(_config(config, overrides), overwrite=overwrite, max_shards=max_shards)
-    click.echo(f"store: {path}")
+    _echo_main(f"store: {path}")
 
 
 @main.group("cache")
@@ -186,7 +193,7 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
     from stages import train_student as stage
 
     out = stage.run(_config(config, overrides), resume=resume, max_steps=max_steps)
-    click.echo(f"run: {out}")
+    _echo_main(f"run: {out}")
 
 
 @main.command("evaluate")
@@ -259,3 +266,7 @@ def demo(out: Path, quick: bool) -> None:
     results = stage.run(out, stage.QUICK if quick else stage.FULL, log=click.echo)
     click.echo(stage.results_table(results))
     click.echo(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()
