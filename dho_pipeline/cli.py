@@ -122,6 +122,38 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
     _echo_main(f"store: {path}")
 
 
+@main.command("fit-adapter")
+@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=CONFIG_HELP)
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Adapter file to write (default: teacher.adapter.file, else one under cache.root/adapters).")
+def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | None) -> None:
+    """Fit the Tip-Adapter(-F) teacher (teacher.kind) on the labelled shards and save it.
+
+    Keys: teacher features of the labelled images averaged over teacher.adapter.augment_epochs augmented
+    views; values: their one-hot labels; a and b searched on val. Tip-Adapter-F also trains the keys.
+    `dho cache-teacher` fits it by itself when needed, or takes the file via teacher.adapter.file.
+    """
+    from dho_pipeline.runtime import pick_device
+    from dho_pipeline.shards import load_manifest
+    from dho_pipeline.store_lookup import view_recipe
+    from dho_pipeline.teacher import load_teacher
+    from dho_pipeline.tip_adapter import adapter_path, save_adapter
+    from dho_pipeline.tip_adapter import fit_adapter as fit
+
+    cfg = _config(config, overrides)
+    if cfg.teacher.kind == "zero-shot":
+        raise click.UsageError("teacher.kind is zero-shot: set it to tip-adapter or tip-adapter-f")
+    manifest = load_manifest(cfg.path(cfg.data.shards))
+    device = pick_device(cfg.train.device)
+    teacher = load_teacher(cfg.teacher, manifest.class_names, device, cfg.base_dir)
+    adapter, report = fit(teacher, manifest, view_recipe(cfg), cfg.teacher.kind, cfg.teacher.adapter, device,
+                          cfg.data.num_workers, log=click.echo)
+    path = out or adapter_path(cfg, teacher.fingerprint, manifest)
+    sha = save_adapter(path, adapter, teacher.fingerprint, report)
+    click.echo(json.dumps({"file": str(path), "sha256": sha, **report}, indent=1))
+
+
 @main.group("cache")
 def cache() -> None:
     """Look at teacher stores: list them, inspect one."""
@@ -150,7 +182,9 @@ def cache_inspect(store: Path, as_json: bool) -> None:
         views = s["teacher_view_accuracy"][split]
         clean = "-" if acc is None else f"{acc:.4f}"
         on_views = "" if views is None else f"   random views {views:.4f}"
-        click.echo(f"teacher top-1 {split:<10} clean {clean}{on_views}")
+        zero_shot = s["teacher_zero_shot_accuracy"][split]
+        adapted = "" if zero_shot is None else f"   (zero-shot head {zero_shot:.4f})"
+        click.echo(f"teacher top-1 {split:<10} clean {clean}{on_views}{adapted}")
 
 
 @cache.command("list")

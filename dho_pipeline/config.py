@@ -24,6 +24,22 @@ class DataConfig:
 
 
 @dataclass
+class AdapterConfig:
+    file: str | None = None  # a fitted adapter (dho fit-adapter); None = fit it when needed, kept under cache.root
+    augment_epochs: int = 10  # augmented passes over the labelled images averaged into the keys
+    a: float = 1.0  # residual ratio before the search
+    b: float = 1.0  # sharpness before the search
+    search_a_max: float = 5.0
+    search_a_steps: int = 20
+    search_b_max: float = 12.0
+    search_b_steps: int = 200
+    epochs: int = 20  # Tip-Adapter-F: training of the keys
+    lr: float = 1e-3
+    eps: float = 1e-4
+    batch_size: int = 256
+
+
+@dataclass
 class TeacherConfig:
     model: str = "dho-tiny-clip"
     pretrained: str | None = None  # open_clip hub tag or a local checkpoint file
@@ -34,6 +50,8 @@ class TeacherConfig:
     quick_gelu: bool = False
     templates: str | None = "generic"  # a registry entry in dho_pipeline/templates.py
     extra_templates: list[str] = field(default_factory=list)
+    kind: Literal["zero-shot", "tip-adapter", "tip-adapter-f"] = "zero-shot"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     batch_size: int = 256
     mode: Literal["cached", "online"] = "cached"  # online runs the teacher every step (for comparison)
     online_views: Literal["cached", "fresh"] = "cached"
@@ -180,6 +198,9 @@ def _validate(cfg: PipelineConfig) -> None:
         (cfg.train.batch_unlabelled >= 1, "train.batch_unlabelled", "must be >= 1"),
         (cfg.train.steps is not None or cfg.train.epochs is not None, "train.epochs", "set epochs or steps"),
         (cfg.teacher.batch_size >= 1, "teacher.batch_size", "must be >= 1"),
+        (cfg.teacher.adapter.augment_epochs >= 1, "teacher.adapter.augment_epochs", "must be >= 1"),
+        (cfg.teacher.adapter.search_a_steps >= 1, "teacher.adapter.search_a_steps", "must be >= 1"),
+        (cfg.teacher.adapter.search_b_steps >= 1, "teacher.adapter.search_b_steps", "must be >= 1"),
         (0 <= cfg.eval.default_alpha <= 1, "eval.default_alpha", "must be in [0, 1]"),
         (cfg.eval.default_beta > 0, "eval.default_beta", "must be > 0"),
     ]

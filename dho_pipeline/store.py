@@ -7,6 +7,7 @@ Layout (rows = the manifest's row space, chunk = one shard along rows):
   labels (rows,)        int16    class index (-1 outside any shard), for reporting only
   bad    (rows,)        bool     image could not be decoded and was skipped
   done   (rows,)        bool     written; a restart skips shards whose rows are all done
+  zero_shot (rows, C)   float16  adapted teachers only: the clean view's zero-shot logits
 attributes: format, fingerprint, fingerprint_hash, class_names, splits (row ranges of each shard).
 """
 
@@ -95,7 +96,8 @@ class TeacherStore:
         return self.group["logits"].shape[0]
 
     @classmethod
-    def create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int) -> TeacherStore:
+    def create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
+               with_zero_shot: bool = False) -> TeacherStore:
         path = Path(path)
         group = zarr.open_group(str(path), mode="w")
         rows, chunk, classes = manifest.num_rows, manifest.shard_size, len(manifest.class_names)
@@ -107,6 +109,8 @@ class TeacherStore:
             "bad": ((rows,), "bool", False),
             "done": ((rows,), "bool", False),
         }
+        if with_zero_shot:
+            specs["zero_shot"] = ((rows, classes), "float16", np.nan)
         for name, (shape, dtype, fill) in specs.items():
             group.create_array(name, shape=shape, chunks=(chunk,) + shape[1:], dtype=dtype, fill_value=fill)
         group.attrs.update({
@@ -130,7 +134,7 @@ class TeacherStore:
 
     @classmethod
     def open_or_create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
-                       overwrite: bool = False) -> TeacherStore:
+                       overwrite: bool = False, with_zero_shot: bool = False) -> TeacherStore:
         """Reuse a store made from the same fingerprint, refuse another one unless `overwrite`."""
         path = Path(path)
         if (path / "zarr.json").exists():
@@ -140,7 +144,7 @@ class TeacherStore:
             if not overwrite:
                 store.check_fingerprint(fingerprint)
             shutil.rmtree(path)
-        return cls.create(path, fingerprint, manifest, num_views)
+        return cls.create(path, fingerprint, manifest, num_views, with_zero_shot)
 
     def check_fingerprint(self, expected: dict) -> None:
         """Raise StoreMismatch naming every field where this store differs from `expected`."""
@@ -155,10 +159,12 @@ class TeacherStore:
         return bool(self.group["done"][shard.first_row: shard.first_row + shard.count].all())
 
     def write_shard(self, shard: Shard, logits: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
-                    labels: np.ndarray, bad: np.ndarray) -> None:
+                    labels: np.ndarray, bad: np.ndarray, zero_shot: np.ndarray | None = None) -> None:
         """Write one shard's rows (one chunk), then mark them done: a crash in between only redoes it."""
         rows = slice(shard.first_row, shard.first_row + shard.count)
         self.group["logits"][rows] = logits.astype(np.float16)
+        if zero_shot is not None:
+            self.group["zero_shot"][rows] = zero_shot.astype(np.float16)
         self.group["boxes"][rows] = boxes
         self.group["flips"][rows] = flips
         self.group["labels"][rows] = labels

@@ -42,6 +42,7 @@ def expected_without_weights(cfg: PipelineConfig, manifest: Manifest) -> dict:
         "pretrained": Path(pretrained).name if sha else pretrained,
         "templates": resolve_templates(cfg.teacher.templates, cfg.teacher.extra_templates),
         "quick_gelu": cfg.teacher.quick_gelu,
+        "head": cfg.teacher.kind,
     }
     if sha:
         teacher["checkpoint_sha256"] = sha

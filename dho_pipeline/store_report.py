@@ -14,20 +14,24 @@ def teacher_accuracy(store: TeacherStore, split_rows: np.ndarray) -> dict[str, f
     """Top-1 of the stored logits on a split's finished rows: clean view, and all cached random views."""
     rows = np.sort(split_rows)
     if len(rows) == 0:
-        return {"clean": None, "views": None}
+        return {"clean": None, "views": None, "zero_shot": None}
     done = store.group["done"][rows[0]: rows[-1] + 1][rows - rows[0]]
     bad = store.group["bad"][rows[0]: rows[-1] + 1][rows - rows[0]]
     keep = rows[done & ~bad]
     if len(keep) == 0:
-        return {"clean": None, "views": None}
+        return {"clean": None, "views": None, "zero_shot": None}
     logits = store.group["logits"][keep[0]: keep[-1] + 1][keep - keep[0]].astype(np.float32)
     labels = store.group["labels"][keep[0]: keep[-1] + 1][keep - keep[0]].astype(np.int64)
     clean = float((logits[:, CLEAN_VIEW].argmax(-1) == labels).mean())
+    zero_shot = None
+    if "zero_shot" in store.group:
+        zs = store.group["zero_shot"][keep[0]: keep[-1] + 1][keep - keep[0]].astype(np.float32)
+        zero_shot = float((zs.argmax(-1) == labels).mean())
     random_views = logits[:, CLEAN_VIEW + 1:]
     computed = ~np.isnan(random_views).any(-1)
     hits = (random_views.argmax(-1) == labels[:, None]) & computed
     views = float(hits.sum() / computed.sum()) if computed.any() else None
-    return {"clean": clean, "views": views}
+    return {"clean": clean, "views": views, "zero_shot": zero_shot}
 
 
 def summarize(path: Path) -> dict:
@@ -56,6 +60,7 @@ def summarize(path: Path) -> dict:
         "fingerprint_fields": store.fingerprint,
         "teacher_accuracy": {split: acc["clean"] for split, acc in accuracy.items()},
         "teacher_view_accuracy": {split: acc["views"] for split, acc in accuracy.items()},
+        "teacher_zero_shot_accuracy": {split: acc["zero_shot"] for split, acc in accuracy.items()},
     }
 
 

@@ -39,6 +39,7 @@ class Teacher:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fingerprint: dict
+    adapter: object | None = None  # a fitted TipAdapter: logits = adapter.logits(features, classifier)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,16 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return LOGIT_SCALE * self.features(images) @ self.classifier
+        """The teacher's logits: zero-shot, or through the few-shot adapter when one is attached."""
+        return self.head(self.features(images))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        if self.adapter is not None:
+            return self.adapter.logits(features, self.classifier)
+        return self.zero_shot(features)
+
+    def zero_shot(self, features: torch.Tensor) -> torch.Tensor:
+        return LOGIT_SCALE * features @ self.classifier
 
 
 def resolve_pretrained(pretrained: str | None, base: Path) -> tuple[str | None, str | None]:

@@ -23,12 +23,14 @@ def views_for_split(split: str, recipe: ViewRecipe) -> int:
 class TeacherViewBatches(IterableDataset):
     """Yields dicts of one shard's samples in fixed batches (independent of workers and restarts).
 
-    Worker w of W takes shards w, w + W, ...; use with `DataLoader(batch_size=None)`.
+    Worker w of W takes shards w, w + W, ...; use with `DataLoader(batch_size=None)`. `view_ids` replaces
+    the per-split default views (e.g. extra augmented views for fitting an adapter).
     """
 
     def __init__(self, shards: list[Shard], recipe: ViewRecipe, image_size: int, images_per_batch: int,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, view_ids: list[int] | None = None):
         self.shards = shards
+        self.view_ids = view_ids
         self.recipe = recipe
         self.image_size = image_size
         self.images_per_batch = images_per_batch
@@ -42,8 +44,8 @@ class TeacherViewBatches(IterableDataset):
 
     def _shard_batches(self, index: int) -> Iterator[dict]:
         shard = self.shards[index]
-        views = views_for_split(shard.split, self.recipe)
-        per_batch = max(1, self.images_per_batch // views)
+        views = self.view_ids or list(range(views_for_split(shard.split, self.recipe)))
+        per_batch = max(1, self.images_per_batch // len(views))
         pending: list[dict] = []
         for position, raw in enumerate(iter_shard(shard)):
             pending.append(self._render(parse_sample(raw, shard, position, self.skip_bad), views))
@@ -53,15 +55,15 @@ class TeacherViewBatches(IterableDataset):
         if pending:
             yield self._collate(index, pending)
 
-    def _render(self, sample, views: int) -> dict:
+    def _render(self, sample, views: list[int]) -> dict:
         size = self.image_size
-        images = torch.zeros(views, 3, size, size, dtype=torch.uint8)
-        boxes = np.zeros((views, 4), np.float32)
-        flips = np.zeros(views, bool)
+        images = torch.zeros(len(views), 3, size, size, dtype=torch.uint8)
+        boxes = np.zeros((len(views), 4), np.float32)
+        flips = np.zeros(len(views), bool)
         if sample.image is not None:
             _, height, width = sample.image.shape
-            for v in range(views):
-                boxes[v], flips[v] = view_params(self.recipe, sample.row, v, width, height)
+            for v, view in enumerate(views):
+                boxes[v], flips[v] = view_params(self.recipe, sample.row, view, width, height)
                 images[v] = render_view(sample.image, boxes[v], bool(flips[v]), size)
         return {"row": sample.row, "label": sample.label, "bad": sample.image is None,
                 "images": images, "boxes": boxes, "flips": flips}

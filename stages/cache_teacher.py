@@ -21,6 +21,7 @@ from dho_pipeline.store import TeacherStore, build_fingerprint
 from dho_pipeline.store_lookup import store_path, view_recipe
 from dho_pipeline.teacher import load_teacher
 from dho_pipeline.teacher_views import TeacherViewBatches
+from dho_pipeline.tip_adapter import attach_adapter
 from dho_pipeline.views import normalize
 
 
@@ -30,11 +31,13 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     manifest = load_manifest(cfg.path(cfg.data.shards))
     recipe = view_recipe(cfg)
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
+    attach_adapter(teacher, cfg, manifest, recipe, runtime)  # Tip-Adapter(-F) teachers only
     fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest)
     path = store_path(cfg, fingerprint)
 
     if runtime.is_main:
-        TeacherStore.open_or_create(path, fingerprint, manifest, 1 + recipe.count, overwrite)
+        TeacherStore.open_or_create(path, fingerprint, manifest, 1 + recipe.count, overwrite,
+                                    with_zero_shot=teacher.adapter is not None)
     runtime.barrier()
     store = TeacherStore.open(path, mode="a")
     store.check_fingerprint(fingerprint)
@@ -54,16 +57,20 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
             index = batch["shard"]
             shard = pending[index]
             if index not in buffers:
-                buffers[index] = _empty_rows(shard.count, 1 + recipe.count, len(manifest.class_names))
+                buffers[index] = _empty_rows(shard.count, 1 + recipe.count, len(manifest.class_names),
+                                             with_zero_shot=teacher.adapter is not None)
                 filled[index] = 0
             images = batch["images"].to(runtime.device, non_blocking=True)
             n, views = images.shape[:2]
             with autocast(runtime.device, cfg.train.amp):
-                logits = teacher.logits(normalize(images.flatten(0, 1), teacher.mean, teacher.std))
+                features = teacher.features(normalize(images.flatten(0, 1), teacher.mean, teacher.std))
+                logits = teacher.head(features)
             at = batch["rows"] - shard.first_row
             buf = buffers[index]
             buf["logits"][at, :views] = logits.view(n, views, -1).float().cpu().numpy()
             buf["logits"][at[batch["bad"]]] = np.nan
+            if "zero_shot" in buf:  # the clean view's zero-shot logits, to report what the adapter adds
+                buf["zero_shot"][at] = teacher.zero_shot(features.view(n, views, -1)[:, 0]).float().cpu().numpy()
             buf["boxes"][at, :views] = batch["boxes"]
             buf["flips"][at, :views] = batch["flips"]
             buf["labels"][at] = batch["labels"]
@@ -76,12 +83,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     return path
 
 
-def _empty_rows(count: int, views: int, classes: int) -> dict[str, np.ndarray]:
-    return {
+def _empty_rows(count: int, views: int, classes: int, with_zero_shot: bool) -> dict[str, np.ndarray]:
+    rows = {
         "logits": np.full((count, views, classes), np.nan, np.float32),
         "boxes": np.zeros((count, views, 4), np.float32),
         "flips": np.zeros((count, views), bool),
         "labels": np.full(count, -1, np.int16),
         "bad": np.zeros(count, bool),
     }
+    if with_zero_shot:
+        rows["zero_shot"] = np.full((count, classes), np.nan, np.float32)
+    return rows
 

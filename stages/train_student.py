@@ -31,6 +31,7 @@ from dho_pipeline.student import build_student
 from dho_pipeline.student_stream import StreamSpec, StudentStream, clean_batches
 from dho_pipeline.teacher import load_teacher
 from dho_pipeline.templates import resolve_templates
+from dho_pipeline.tip_adapter import attach_adapter
 from dho_pipeline.views import normalize
 
 
@@ -44,6 +45,8 @@ def run(cfg: PipelineConfig, resume: bool = False, max_steps: int | None = None)
     fresh = online and cfg.teacher.online_views == "fresh"
     store = None if fresh else find_store(cfg, manifest)
     teacher = load_teacher(cfg.teacher, manifest.class_names, device, cfg.base_dir) if online else None
+    if online:
+        attach_adapter(teacher, cfg, manifest, view_recipe(cfg), runtime)
 
     torch.manual_seed(tc.seed)
     templates = resolve_templates(cfg.teacher.templates, cfg.teacher.extra_templates)

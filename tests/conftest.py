@@ -59,3 +59,15 @@ def write_config(path: Path, shards: Path, teacher_file: Path, **sections: dict)
     path.write_text(yaml.safe_dump(doc))
     load_config(path)  # fail here, not later, if the test wrote a bad config
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_teacher_file(fmnist: IdxSource, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tiny CLIP, pretrained for 5 epochs on 2,000 training images: far better than chance, not perfect."""
+    from dho_pipeline.templates import TEMPLATES
+    from dho_pipeline.tiny_clip import pretrain_tiny_clip
+
+    images, labels = fmnist.images["train"][-2000:], fmnist.labels["train"][-2000:]
+    path = tmp_path_factory.mktemp("trained-teacher") / "tiny-clip-trained.pt"
+    return pretrain_tiny_clip(images, labels, fmnist.class_names, TEMPLATES["fashion-mnist"], path, epochs=5,
+                              batch_size=64, progress=False)
