@@ -89,7 +89,7 @@ class TrainConfig:
     temperature: float = 2.0
     batch_labelled: int = 64
     batch_unlabelled: int = 64
-    epochs: float | None = 10.0  # passes over the unlabelled split (labelled split for ce_only)
+    epochs: float | None = 10.0  # passes over the unlabelled split, for every method (labelled if none)
     steps: int | None = None  # overrides epochs when set
     lr: float = 1e-3
     weight_decay: float = 0.01

@@ -57,7 +57,10 @@ def run(cfg: PipelineConfig, resume: bool = False, max_steps: int | None = None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
     uses_unlabelled = tc.method != "ce_only"
-    batch_size, split = (tc.batch_unlabelled, "unlabelled") if uses_unlabelled else (tc.batch_labelled, "labelled")
+    # An epoch is a pass over the unlabelled split for every method, so CE-only gets the same step budget
+    # (and validation cadence) as the distilled students; without unlabelled images, over the labelled split.
+    split, batch_size = ("unlabelled", tc.batch_unlabelled) if manifest.split_count("unlabelled") else (
+        "labelled", tc.batch_labelled)
     steps_per_epoch = math.ceil(manifest.split_count(split) / (batch_size * runtime.world_size))
     total_steps = tc.steps or math.ceil(tc.epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, total_steps, tc.warmup, tc.schedule)
