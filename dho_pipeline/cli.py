@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -12,6 +13,13 @@ from dho_pipeline.config import ConfigError, PipelineConfig, load_config
 
 CONFIG_HELP = "The experiment file (see pipeline.yaml in the repository)."
 SET_HELP = "Override one config key, e.g. --set train.lr=5e-4 (repeatable)."
+config_option = click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                             help=CONFIG_HELP)
+
+
+def experiment_options(command: Callable) -> Callable:
+    """-c/--config and the repeatable --set key=value of every command that reads pipeline.yaml."""
+    return config_option(click.option("--set", "overrides", multiple=True, help=SET_HELP)(command))
 
 
 def _config(config: Path | None, overrides: tuple[str, ...]) -> PipelineConfig:
@@ -103,8 +111,7 @@ def make_shards(source: Path, out: Path, shots: int | None, percent: float | Non
 
 
 @main.command("cache-teacher")
-@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=CONFIG_HELP)
-@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@experiment_options
 @click.option("--overwrite", is_flag=True, help="Replace a store at the same path made with other settings.")
 @click.option("--max-shards", type=click.IntRange(min=1), default=None,
               help="Process at most this many shards, then stop; a later run goes on from there.")
@@ -123,8 +130,7 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
 
 
 @main.command("fit-adapter")
-@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=CONFIG_HELP)
-@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@experiment_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Adapter file to write (default: teacher.adapter.file, else one under cache.root/adapters).")
 def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | None) -> None:
@@ -188,7 +194,7 @@ def cache_inspect(store: Path, as_json: bool) -> None:
 
 
 @cache.command("list")
-@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=CONFIG_HELP)
+@config_option
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of stores (default: cache.root).")
 def cache_list(config: Path | None, root: Path | None) -> None:
@@ -210,8 +216,7 @@ def cache_list(config: Path | None, root: Path | None) -> None:
 
 
 @main.command("train-student")
-@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=CONFIG_HELP)
-@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@experiment_options
 @click.option("--resume", is_flag=True, help="Continue from train.out_dir/last.pt when it exists.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many steps (a checkpoint is saved); continue later with --resume.")

@@ -1,0 +1,39 @@
+"""The `dho` command line: it lists its commands and turns bad input into one line naming what is wrong."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from dho_pipeline.cli import main
+from stages import demo
+
+
+def test_help_lists_every_command():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("make-shards", "cache-teacher", "cache", "fit-adapter", "train-student", "evaluate", "predict",
+                    "demo"):
+        assert f"  {command} " in result.output, command
+    cache = CliRunner().invoke(main, ["cache", "--help"])
+    assert "inspect" in cache.output and "list" in cache.output
+
+
+def test_a_bad_config_value_names_the_field_in_one_line(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text("views:\n  count: 0\n")
+    result = CliRunner().invoke(main, ["cache-teacher", "-c", str(config)])
+    assert result.exit_code == 2 and "views.count" in result.output and "Traceback" not in result.output
+
+
+def test_a_missing_shard_folder_is_named(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"data:\n  shards: {tmp_path / 'nowhere'}\n")
+    result = CliRunner().invoke(main, ["train-student", "-c", str(config)])
+    assert result.exit_code == 1 and "nowhere/manifest.json not found" in result.output
+
+
+def test_demo_without_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "FASHION_MNIST_DIR", tmp_path / "absent")
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "apt-get install dataset-fashion-mnist" in result.output
+    assert not (tmp_path / "out").exists()
