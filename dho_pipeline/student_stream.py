@@ -61,6 +61,7 @@ class StudentStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.start_batch = start_batch
         self.bad_rows: set[int] = set()
+        self._last_read: tuple[int, list[dict], ShardRows | None] | None = None
         if store_path is not None:
             store = TeacherStore.open(store_path)
             for shard in shards:
@@ -123,12 +124,19 @@ class StudentStream(IterableDataset):
                         pending = []
             epoch += 1
 
+    def _read_shard(self, shard: Shard, store: TeacherStore | None) -> tuple[list[dict], ShardRows | None]:
+        """A shard's raw samples and store rows. The last shard read is kept: a split of one shard (a
+        few-shot labelled set, passed through many times a batch) is read once, not once per epoch."""
+        if self._last_read is None or self._last_read[0] != shard.first_row:
+            raw = list(iter_shard(shard))
+            if len(raw) != shard.count:
+                raise ValueError(f"{shard.path}: {len(raw)} samples, the manifest says {shard.count}")
+            self._last_read = (shard.first_row, raw, store.read_shard(shard) if store else None)
+        return self._last_read[1], self._last_read[2]
+
     def _shard_samples(self, shard: Shard, positions: np.ndarray, epoch: int,
                        store: TeacherStore | None) -> Iterator[dict]:
-        raw = list(iter_shard(shard))
-        if len(raw) != shard.count:
-            raise ValueError(f"{shard.path}: {len(raw)} samples, the manifest says {shard.count}")
-        rows = store.read_shard(shard) if store else None
+        raw, rows = self._read_shard(shard, store)
         for position in positions:
             sample = parse_sample(raw[position], shard, int(position), self.spec.skip_bad)
             if sample.image is None:

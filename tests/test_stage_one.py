@@ -140,7 +140,7 @@ def test_inspect_json_reports_a_finished_store(store_path):
     assert report["done_fraction"] == 1.0
     assert (report["rows"], report["views"], report["classes"], report["dtype"]) == (310, 4, 10, "float16")
     assert report["bytes_per_view"] > 0 and len(report["fingerprint"]) == 64
-    assert set(report["teacher_accuracy"]) == {"labelled", "val", "test"}
+    assert set(report["teacher_accuracy"]) == {"labelled", "unlabelled", "val", "test"}
     assert all(0 <= acc <= 1 for acc in report["teacher_accuracy"].values())
 
 
