@@ -147,7 +147,7 @@ def experiment_config(folder: Path, shards: Path, teacher: Path, kind: str, plan
 
 def run(out: Path, plan: DemoPlan, log=print) -> dict:
     """Run every setting of `plan` under `out`; returns (and writes) results.json, results.md and results.png."""
-    out = Path(out)
+    out = Path(out).resolve()  # settings' pipeline.yaml files resolve relative paths from their own folder
     source = load_fashion_mnist()
     perm = np.random.default_rng(0).permutation(len(source.labels["train"]))
     teacher_pool, student_pool = perm[: plan.teacher_pool], perm[plan.teacher_pool:]

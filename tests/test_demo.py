@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from stages.demo import METHODS, DemoPlan, Setting, TeacherRecipe, results_table, run
 
@@ -15,8 +16,9 @@ TINY = DemoPlan(
 )
 
 
-def test_tiny_demo_runs_every_method_and_writes_the_results(tmp_path):
-    results = run(tmp_path, TINY, log=lambda *_: None)
+def test_tiny_demo_runs_every_method_and_writes_the_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)
+    results = run(Path(tmp_path.name), TINY, log=lambda *_: None)  # relative, as `dho demo --out demo-out`
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     few_shot, adapted = saved["settings"]["4-shot"], saved["settings"]["4-shot Tip-Adapter"]
