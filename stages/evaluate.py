@@ -58,14 +58,19 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
         return head_outputs(student.model, clean_batches(shards, student.data.image_size, cfg.batch_size),
                             student.data, dev)
 
-    alpha, beta = cfg.default_alpha, cfg.default_beta
-    result: dict = {"method": student.checkpoint.get("method", "dho")}
+    method = student.checkpoint.get("method", "dho")
+    single_head = method != "dho"  # CE-only and single-head KD train the CE head alone: alpha = 1, no search
+    default_alpha = 1.0 if single_head else cfg.default_alpha
+    alpha, beta = default_alpha, cfg.default_beta
+    result: dict = {"method": method}
     if manifest.splits.get("val"):
         val = outputs(manifest.splits["val"])
-        alpha, beta, val_acc = search_alpha_beta(val, cfg.alpha_grid, cfg.beta_grid)
-        result["val_combined_searched"] = val_acc
+        if single_head:
+            result["val_combined_searched"] = accuracy(val.ce, val.labels)
+        else:
+            alpha, beta, result["val_combined_searched"] = search_alpha_beta(val, cfg.alpha_grid, cfg.beta_grid)
     test = outputs(manifest.splits["test"])
-    result.update(report(test, alpha, beta, cfg.default_alpha, cfg.default_beta))
+    result.update(report(test, alpha, beta, default_alpha, cfg.default_beta))
     result.update(alpha=alpha, beta=beta, teacher=teacher_accuracy(student.checkpoint.get("store"), test))
     result["extra"] = {name: report(outputs(extra_shards(name, pattern)), alpha, beta, cfg.default_alpha,
                                     cfg.default_beta) for name, pattern in (extra or {}).items()}

@@ -159,6 +159,9 @@ def test_baselines_run_from_the_same_store(method, store, shards_dir, teacher_fi
     assert final["store"] == str(store)
     parts = [r for r in losses(run) if "loss" in r][0]
     assert ("kd_u" in parts) == (method == "single_head_kd")
+    result = evaluate_stage.run(run / "final.pt")  # the untrained KD head is never mixed in
+    assert result["combined_default"] == result["combined_searched"] == result["ce_head"]
+    assert (result["alpha"], result["method"]) == (1.0, method)
 
 
 def test_online_and_cached_modes_give_the_same_first_step(store, shards_dir, teacher_file, tmp_path):
