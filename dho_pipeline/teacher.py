@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 from dho_pipeline.config import TeacherConfig
 from dho_pipeline.shards import sha256_file
 from dho_pipeline.templates import resolve_templates
+
+if TYPE_CHECKING:
+    from dho_pipeline.tip_adapter import TipAdapter
 
 BUILTIN_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 LOGIT_SCALE = 100.0
@@ -39,7 +43,7 @@ class Teacher:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fingerprint: dict
-    adapter: object | None = None  # a fitted TipAdapter: logits = adapter.logits(features, classifier)
+    adapter: TipAdapter | None = None  # a fitted few-shot cache model: logits = adapter.logits(features, W)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
