@@ -61,8 +61,16 @@ def bare_forward(cfg, class_names: list[str], count: int) -> float:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("benchmarks/speed.json"),
               show_default=True)
 def main(teacher_model: str, steps: int, out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="dho-speed-") as work:
+        result = measure(Path(work), teacher_model, steps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(json.dumps(result, indent=1))
+
+
+def measure(work: Path, teacher_model: str, steps: int) -> dict:
+    """Build the slice, the teacher file and the config under `work`; time both stages there."""
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="dho-speed-"))
     source = IdxSource(FASHION_MNIST_DIR)
     splits = split_source(source, shots=4, val_per_class=5, test_per_class=5, max_train_per_class=30, seed=1)
     write_shards(source, splits, work / "shards", shard_size=64)
@@ -84,7 +92,7 @@ def main(teacher_model: str, steps: int, out: Path) -> None:
     manifest = load_manifest(cfg.path(cfg.data.shards))
 
     tick = time.perf_counter()
-    store = cache_teacher.run(cfg)
+    cache_teacher.run(cfg)
     stage_one_s = time.perf_counter() - tick
     views = sum(manifest.split_count(s) for s in ("labelled", "unlabelled")) * (1 + cfg.views.count) + sum(
         manifest.split_count(s) for s in ("val", "test"))
@@ -101,9 +109,9 @@ def main(teacher_model: str, steps: int, out: Path) -> None:
         train_student.run(load_config(config, [*overrides, f"train.out_dir={run_dir}"]))
         stage_two[name] = throughput(run_dir / "metrics.jsonl", per_step)
 
-    result = {
+    return {
         "teacher": teacher_model, "student": "resnet10t@32px", "device": "cpu", "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"), "store": str(store),
+        "date": time.strftime("%Y-%m-%d"),
         "stage_one": {"views": views, "views_per_s": stage_one, "bare_forward_views_per_s": bare,
                       "ratio_to_bare_forward": stage_one / bare},
         "stage_two": stage_two,
@@ -116,9 +124,6 @@ def main(teacher_model: str, steps: int, out: Path) -> None:
             / stage_two["dho_online"]["steps_per_s"],
         },
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    click.echo(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
