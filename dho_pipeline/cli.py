@@ -142,10 +142,8 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
     """
     from dho_pipeline.runtime import pick_device
     from dho_pipeline.shards import load_manifest
-    from dho_pipeline.store_lookup import view_recipe
     from dho_pipeline.teacher import load_teacher
-    from dho_pipeline.tip_adapter import adapter_path, save_adapter
-    from dho_pipeline.tip_adapter import fit_adapter as fit
+    from dho_pipeline.tip_adapter import adapter_path, fit_and_save
 
     cfg = _config(config, overrides)
     if cfg.teacher.kind == "zero-shot":
@@ -153,10 +151,8 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
     manifest = load_manifest(cfg.path(cfg.data.shards))
     device = pick_device(cfg.train.device)
     teacher = load_teacher(cfg.teacher, manifest.class_names, device, cfg.base_dir)
-    adapter, report = fit(teacher, manifest, view_recipe(cfg), cfg.teacher.kind, cfg.teacher.adapter, device,
-                          cfg.data.num_workers, log=click.echo)
     path = out or adapter_path(cfg, teacher.fingerprint, manifest)
-    sha = save_adapter(path, adapter, teacher.fingerprint, report)
+    sha, report = fit_and_save(teacher, cfg, manifest, path, device, log=click.echo)
     click.echo(json.dumps({"file": str(path), "sha256": sha, **report}, indent=1))
 
 

@@ -15,20 +15,23 @@ UNLABELLED_SAMPLE = 10_000  # unlabelled rows the teacher's accuracy is reported
 def teacher_accuracy(store: TeacherStore, split_rows: np.ndarray) -> dict[str, float | None]:
     """Top-1 of the stored logits on a split's finished rows: clean view, and all cached random views."""
     rows = np.sort(split_rows)
+    none = {"clean": None, "views": None, "zero_shot": None}
     if len(rows) == 0:
-        return {"clean": None, "views": None, "zero_shot": None}
-    done = store.group["done"][rows[0]: rows[-1] + 1][rows - rows[0]]
-    bad = store.group["bad"][rows[0]: rows[-1] + 1][rows - rows[0]]
-    keep = rows[done & ~bad]
+        return none
+
+    def read(name: str, at: np.ndarray) -> np.ndarray:
+        """Array `name` at sorted rows `at`, in one read of the span they cover."""
+        return store.group[name][at[0]: at[-1] + 1][at - at[0]]
+
+    keep = rows[read("done", rows) & ~read("bad", rows)]
     if len(keep) == 0:
-        return {"clean": None, "views": None, "zero_shot": None}
-    logits = store.group["logits"][keep[0]: keep[-1] + 1][keep - keep[0]].astype(np.float32)
-    labels = store.group["labels"][keep[0]: keep[-1] + 1][keep - keep[0]].astype(np.int64)
+        return none
+    logits = read("logits", keep).astype(np.float32)
+    labels = read("labels", keep).astype(np.int64)
     clean = float((logits[:, CLEAN_VIEW].argmax(-1) == labels).mean())
     zero_shot = None
     if "zero_shot" in store.group:
-        zs = store.group["zero_shot"][keep[0]: keep[-1] + 1][keep - keep[0]].astype(np.float32)
-        zero_shot = float((zs.argmax(-1) == labels).mean())
+        zero_shot = float((read("zero_shot", keep).astype(np.float32).argmax(-1) == labels).mean())
     random_views = logits[:, CLEAN_VIEW + 1:]
     computed = ~np.isnan(random_views).any(-1)
     hits = (random_views.argmax(-1) == labels[:, None]) & computed

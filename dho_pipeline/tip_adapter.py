@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dho_pipeline.config import AdapterConfig, PipelineConfig
 from dho_pipeline.runtime import Runtime
 from dho_pipeline.shards import Manifest, Shard
+from dho_pipeline.store_lookup import view_recipe
 from dho_pipeline.teacher import LOGIT_SCALE, Teacher
 from dho_pipeline.teacher_views import TeacherViewBatches
 from dho_pipeline.views import CLEAN_VIEW, ViewRecipe, normalize
@@ -96,25 +97,23 @@ def fit_adapter(teacher: Teacher, manifest: Manifest, recipe: ViewRecipe, kind: 
     num_classes = classifier.shape[1]
     keys = F.normalize(train.mean(1), dim=-1).to(device)
     values = F.one_hot(labels, num_classes).float().to(device)
-    has_val = bool(manifest.splits.get("val"))
-    if has_val:
+    report = {"kind": kind, "shots": len(labels)}
+    a, b = cfg.a, cfg.b
+    val_accuracy = None
+    if manifest.splits.get("val"):
         val, val_labels = teacher_features(teacher, manifest.splits["val"], recipe, [CLEAN_VIEW], device,
                                            num_workers=num_workers, desc="adapter val")
         val, val_labels = val[:, 0].to(device), val_labels.to(device)
-    report = {"kind": kind, "shots": len(labels)}
 
-    def val_accuracy(k: torch.Tensor, a: float, b: float) -> float:
-        return float((tip_logits(val, classifier, k, values, a, b).argmax(-1) == val_labels).float().mean())
+        def val_accuracy(k: torch.Tensor, a: float, b: float) -> float:
+            return float((tip_logits(val, classifier, k, values, a, b).argmax(-1) == val_labels).float().mean())
 
-    if has_val:
-        report["val_zero_shot"] = float(((val @ classifier).argmax(-1) == val_labels).float().mean())
-    a, b = cfg.a, cfg.b
-    if has_val:  # the training-free optimum; -F trains the keys from there, then searches again
+        report["val_zero_shot"] = val_accuracy(keys, 0.0, b)  # a = 0 is the zero-shot head
+        # the training-free optimum; -F trains the keys from there, then searches again
         a, b, _ = search_ab(val, val_labels, classifier, keys, values, cfg)
     if kind == "tip-adapter-f":
-        keys = train_keys(keys, values, train.to(device), labels.to(device), classifier, a, b, cfg,
-                          val_accuracy if has_val else None, log)
-    if has_val:
+        keys = train_keys(keys, values, train.to(device), labels.to(device), classifier, a, b, cfg, val_accuracy, log)
+    if val_accuracy:
         a, b, acc = search_ab(val, val_labels, classifier, keys, values, cfg)
         report.update(val_adapter=acc, a=a, b=b)
         log(f"{kind}: val top-1 {acc:.4f} at a={a:.3f} b={b:.3f} (zero-shot {report['val_zero_shot']:.4f})")
@@ -189,6 +188,14 @@ def load_adapter(path: Path, teacher_fingerprint: dict) -> tuple[TipAdapter, str
     return adapter, hashlib.sha256(data).hexdigest()
 
 
+def fit_and_save(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, path: Path, device: torch.device,
+                 log: Callable[[str], None] = print) -> tuple[str, dict]:
+    """Fit the adapter teacher.kind asks for and write it to `path`; returns its sha256 and the fit report."""
+    adapter, report = fit_adapter(teacher, manifest, view_recipe(cfg), cfg.teacher.kind, cfg.teacher.adapter,
+                                  device, cfg.data.num_workers, log)
+    return save_adapter(path, adapter, teacher.fingerprint, report), report
+
+
 def adapter_path(cfg: PipelineConfig, teacher_fingerprint: dict, manifest: Manifest) -> Path:
     """teacher.adapter.file, or a file under cache.root named from everything the fit depends on."""
     if cfg.teacher.adapter.file:
@@ -199,8 +206,8 @@ def adapter_path(cfg: PipelineConfig, teacher_fingerprint: dict, manifest: Manif
     return cfg.path(cfg.cache.root) / "adapters" / f"{cfg.teacher.kind}-{digest}.pt"
 
 
-def attach_adapter(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, recipe: ViewRecipe,
-                   runtime: Runtime, log=print) -> None:
+def attach_adapter(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, runtime: Runtime,
+                   log: Callable[[str], None] = print) -> None:
     """For teacher.kind tip-adapter(-f): fit (rank 0, once) or load the adapter and put it on the teacher.
 
     The adapter's sha256 enters the teacher's fingerprint, so a store made with another adapter is refused.
@@ -211,9 +218,7 @@ def attach_adapter(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, re
     if runtime.is_main and not path.exists():
         if cfg.teacher.adapter.file:
             raise FileNotFoundError(f"teacher.adapter.file: {path} not found (make one with `dho fit-adapter`)")
-        adapter, report = fit_adapter(teacher, manifest, recipe, cfg.teacher.kind, cfg.teacher.adapter,
-                                      runtime.device, cfg.data.num_workers, log)
-        save_adapter(path, adapter, teacher.fingerprint, report)
+        fit_and_save(teacher, cfg, manifest, path, runtime.device, log)
     runtime.barrier()
     adapter, sha = load_adapter(path, teacher.fingerprint)
     if adapter.kind != cfg.teacher.kind:

@@ -31,7 +31,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     manifest = load_manifest(cfg.path(cfg.data.shards))
     recipe = view_recipe(cfg)
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
-    attach_adapter(teacher, cfg, manifest, recipe, runtime)  # Tip-Adapter(-F) teachers only
+    attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
     fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest)
     path = store_path(cfg, fingerprint)
 

@@ -178,9 +178,9 @@ def run(out: Path, plan: DemoPlan, log=print) -> dict:
         timings[f"{setting.name}/cache_teacher_s"] = time.perf_counter() - tick
         report = summarize(store)
         accuracy = {"teacher": [report["teacher_accuracy"]["test"]]}
+        seeds = setting.seeds or plan.seeds
         for method in setting.methods or plan.methods:
             accuracy[method] = []
-            seeds = setting.seeds or plan.seeds
             for seed in seeds[:1] if method in plan.one_seed_methods else seeds:
                 run_dir = folder / "runs" / f"{method}-seed{seed}"
                 overrides = METHOD_OVERRIDES[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"]
@@ -191,12 +191,13 @@ def run(out: Path, plan: DemoPlan, log=print) -> dict:
                 accuracy[method].append(result["combined_searched"] if method.startswith("dho")
                                         else result["ce_head"])
                 log(f"{setting.name} {method} seed {seed}: test top-1 {accuracy[method][-1]:.4f}")
+        zero_shot = report["teacher_zero_shot_accuracy"]["test"]  # None: the teacher is zero-shot
         results["settings"][setting.name] = {
             "accuracy": {m: float(np.mean(v)) for m, v in accuracy.items()},
             "spread": {m: float(np.max(v) - np.min(v)) for m, v in accuracy.items()},
             "runs": accuracy,
             "teacher_kind": setting.teacher_kind,
-            "teacher_zero_shot": report["teacher_zero_shot_accuracy"]["test"] or report["teacher_accuracy"]["test"],
+            "teacher_zero_shot": report["teacher_accuracy"]["test"] if zero_shot is None else zero_shot,
             "teacher_view_accuracy": report["teacher_view_accuracy"],  # per split, on the cached random views
             "labelled_images": report["split_rows"]["labelled"],
             "unlabelled_images": report["split_rows"]["unlabelled"],

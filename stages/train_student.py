@@ -46,7 +46,7 @@ def run(cfg: PipelineConfig, resume: bool = False, max_steps: int | None = None)
     store = None if fresh else find_store(cfg, manifest)
     teacher = load_teacher(cfg.teacher, manifest.class_names, device, cfg.base_dir) if online else None
     if online:
-        attach_adapter(teacher, cfg, manifest, view_recipe(cfg), runtime)
+        attach_adapter(teacher, cfg, manifest, runtime)
 
     torch.manual_seed(tc.seed)
     templates = resolve_templates(cfg.teacher.templates, cfg.teacher.extra_templates)
