@@ -16,6 +16,9 @@ from tqdm import tqdm
 from dho_pipeline.sources import IdxSource, ImageFolderSource, Item
 
 SPLITS = ("labelled", "unlabelled", "val", "test")
+# A fixed member mtime makes shards byte-reproducible (same splits, same sha256) and keeps tar's PAX headers
+# out of them (webdataset's default float mtime adds one per member, half the parse time of a small sample).
+MEMBER_MTIME = 0
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dho-shards/1"
 
@@ -84,6 +87,7 @@ def write_shards(
 
     Every split starts at a row that is a multiple of `shard_size`, so a shard is exactly one chunk
     of the teacher-logit store. Each sample holds the image bytes as found, `cls` and its global row `id`.
+    The same splits always give the same bytes.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,8 @@ def write_shards(
         for split in SPLITS:
             items = splits.get(split, [])
             first = next_row
-            with wds.ShardWriter(str(out / f"{split}-%05d.tar"), maxcount=shard_size, verbose=0) as sink:
+            with wds.ShardWriter(str(out / f"{split}-%05d.tar"), maxcount=shard_size, verbose=0,
+                                 mtime=MEMBER_MTIME) as sink:
                 for i, item in enumerate(items):
                     data, ext = source.read(item.ref)
                     row = first + i

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -45,6 +46,15 @@ def test_manifest_lists_shards_with_rows_and_hashes(shards_dir):
     for shard in manifest.shards():
         assert shard.first_row % SHARD_SIZE == 0, "every shard must start a store chunk"
         assert sha256_file(shard.path) == shard.sha256
+
+
+def test_shards_are_byte_reproducible_without_pax_headers(fmnist, tmp_path):
+    splits = split_source(fmnist, shots=1, val_per_class=1, test_per_class=1, max_train_per_class=3, seed=1)
+    first = write_shards(fmnist, splits, tmp_path / "a", shard_size=SHARD_SIZE)
+    second = write_shards(fmnist, splits, tmp_path / "b", shard_size=SHARD_SIZE)
+    assert [s.sha256 for s in first.shards()] == [s.sha256 for s in second.shards()]
+    with tarfile.open(first.shards()[0].path) as tar:
+        assert all(not member.pax_headers for member in tar.getmembers())
 
 
 def test_make_shards_cli(tmp_path):
