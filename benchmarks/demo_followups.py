@@ -1,0 +1,73 @@
+"""Follow-ups on a finished `dho demo` run: where DHO's knobs and the few-shot teachers move the numbers.
+
+* The "10% weak teacher" setting (a teacher worse than its 1,000 labels): temperature 1 and 4 against the
+  demo's 2, single-head KD at T = 1, and a Tip-Adapter teacher fitted on the labels.
+* The "16-shot" setting with Tip-Adapter and Tip-Adapter-F teachers (each caches its own store).
+
+Every run goes through the real stages (`cache_teacher`, `train_student`, `evaluate`) on the demo's own
+pipeline.yaml files and shards; the demo's runs are evaluated again as the baselines. Selection is on val,
+test is reported beside it. Writes a markdown table and OUT/followups.json. Usage:
+
+    dho demo --out demo-out && python benchmarks/demo_followups.py demo-out
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dho_pipeline.config import load_config
+from stages import cache_teacher, evaluate, train_student
+
+WEAK, FEW_SHOT, TEN_PERCENT = "10pct-weak-teacher", "16-shot", "10pct"
+# (setting folder, run name, overrides); run names that the demo already trained are only evaluated.
+RUNS = [
+    (TEN_PERCENT, "ce_only-seed0", []),
+    (WEAK, "single_head_kd-seed0", []),
+    (WEAK, "single_head_kd-seed1", []),
+    (WEAK, "dho-seed0", []),
+    (WEAK, "dho-seed1", []),
+    (WEAK, "single_head_kd-T1-seed0", ["train.method=single_head_kd", "train.temperature=1"]),
+    (WEAK, "dho-T1-seed0", ["train.temperature=1"]),
+    (WEAK, "dho-T1-seed1", ["train.temperature=1", "train.seed=1"]),
+    (WEAK, "dho-T4-seed0", ["train.temperature=4"]),
+    (WEAK, "dho-tip-adapter-seed0", ["teacher.kind=tip-adapter"]),
+    (FEW_SHOT, "dho-seed0", []),
+    (FEW_SHOT, "dho-seed1", []),
+    (FEW_SHOT, "dho-tip-adapter-seed0", ["teacher.kind=tip-adapter"]),
+    (FEW_SHOT, "dho-tip-adapter-seed1", ["teacher.kind=tip-adapter", "train.seed=1"]),
+    (FEW_SHOT, "dho-tip-adapter-f-seed0", ["teacher.kind=tip-adapter-f"]),
+    (FEW_SHOT, "dho-tip-adapter-f-seed1", ["teacher.kind=tip-adapter-f", "train.seed=1"]),
+]
+
+
+def follow_up(demo_out: Path, folder: str, name: str, overrides: list[str]) -> dict:
+    """Train (unless the demo did) and evaluate one run; val and test top-1 of what its method deploys."""
+    config = demo_out / folder / "pipeline.yaml"
+    run_dir = demo_out / folder / "runs" / name
+    if not (run_dir / "final.pt").exists():
+        settings = ["train.method=dho", *overrides, f"train.out_dir={run_dir}"]
+        cache_teacher.run(load_config(config, settings))  # a no-op when the store is complete
+        train_student.run(load_config(config, settings))
+    result = evaluate.run(run_dir / "final.pt")
+    deployed = "combined_searched" if result["method"] == "dho" else "ce_head"
+    return {"setting": folder, "run": name, "val": result["val_combined_searched"], "test": result[deployed],
+            "alpha": result["alpha"] if result["method"] == "dho" else None, "teacher_test": result["teacher"]}
+
+
+@click.command()
+@click.argument("demo_out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def main(demo_out: Path) -> None:
+    rows = [follow_up(demo_out.resolve(), *run) for run in RUNS]
+    (demo_out / "followups.json").write_text(json.dumps(rows, indent=1))
+    click.echo("| setting | run | teacher (test) | val | test | searched α |\n|---|---|---|---|---|---|")
+    for r in rows:
+        alpha = "—" if r["alpha"] is None else f"{r['alpha']:g}"
+        click.echo(f"| {r['setting']} | {r['run']} | {r['teacher_test']:.3f} | {r['val']:.3f} | {r['test']:.3f} "
+                   f"| {alpha} |")
+
+
+if __name__ == "__main__":
+    main()
