@@ -112,10 +112,15 @@ def load_fashion_mnist() -> IdxSource:
     return IdxSource(FASHION_MNIST_DIR)
 
 
+def teacher_file(out: Path, name: str, recipe: TeacherRecipe) -> Path:
+    """Where the demo keeps the teacher `name` pretrained with `recipe` (pipeline.yaml's example uses QUICK's)."""
+    return out / "teacher" / f"dho-tiny-clip-{name}-{recipe.images}img-{recipe.epochs}ep.pt"
+
+
 def teacher_checkpoint(source: IdxSource, pool: np.ndarray, name: str, recipe: TeacherRecipe, out: Path,
                        log=print) -> Path:
     """Pretrain a demo teacher on the first `recipe.images` of `pool` once; later runs reuse the file."""
-    path = out / "teacher" / f"dho-tiny-clip-{name}-{recipe.images}img-{recipe.epochs}ep.pt"
+    path = teacher_file(out, name, recipe)
     if not path.exists():
         log(f"pretraining the {name} demo teacher (tiny CLIP from random init) on {recipe.images} images "
             f"for {recipe.epochs} epochs -> {path}")

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from dho_pipeline.config import ConfigError, PipelineConfig, load_config
+from stages.demo import QUICK, teacher_file
 
 EXAMPLE = Path(__file__).parent.parent / "pipeline.yaml"
 
@@ -19,6 +20,11 @@ def test_example_sets_every_field():
     for section, values in cfg.to_dict().items():
         assert set(written[section]) == set(values), f"pipeline.yaml section {section} is incomplete"
     assert cfg.eval.alpha_grid == PipelineConfig().eval.alpha_grid
+
+
+def test_example_teacher_is_the_file_the_quick_demo_writes():
+    quick_teacher = teacher_file(Path("demo-out"), "strong", QUICK.teachers["strong"])
+    assert load_config(EXAMPLE).teacher.pretrained == str(quick_teacher)
 
 
 @pytest.mark.parametrize("override, field", [
