@@ -3,6 +3,7 @@
 * The "10% weak teacher" setting (a teacher worse than its 1,000 labels): temperature 1 and 4 against the
   demo's 2, single-head KD at T = 1, and a Tip-Adapter teacher fitted on the labels.
 * The "16-shot" setting with Tip-Adapter and Tip-Adapter-F teachers (each caches its own store).
+* Both settings trained 4x longer (1,000 steps): CE-only, single-head KD and DHO.
 
 Every run goes through the real stages (`cache_teacher`, `train_student`, `evaluate`) on the demo's own
 pipeline.yaml files and shards; the demo's runs are evaluated again as the baselines. Selection is on val,
@@ -40,6 +41,19 @@ RUNS = [
     (FEW_SHOT, "dho-tip-adapter-seed1", ["teacher.kind=tip-adapter", "train.seed=1"]),
     (FEW_SHOT, "dho-tip-adapter-f-seed0", ["teacher.kind=tip-adapter-f"]),
     (FEW_SHOT, "dho-tip-adapter-f-seed1", ["teacher.kind=tip-adapter-f", "train.seed=1"]),
+    # 4x the demo's 250 steps: do the students, still improving at 250, separate when trained longer?
+    (WEAK, "ce_only-1000steps-seed0", ["train.method=ce_only", "train.steps=1000"]),
+    (WEAK, "single_head_kd-1000steps-seed0", ["train.method=single_head_kd", "train.steps=1000"]),
+    (WEAK, "dho-1000steps-seed0", ["train.steps=1000"]),
+    (WEAK, "dho-T1-1000steps-seed0", ["train.temperature=1", "train.steps=1000"]),
+    (WEAK, "single_head_kd-1000steps-seed1", ["train.method=single_head_kd", "train.steps=1000", "train.seed=1"]),
+    (WEAK, "dho-1000steps-seed1", ["train.steps=1000", "train.seed=1"]),
+    (FEW_SHOT, "ce_only-1000steps-seed0", ["train.method=ce_only", "train.steps=1000"]),
+    (FEW_SHOT, "single_head_kd-1000steps-seed0", ["train.method=single_head_kd", "train.steps=1000"]),
+    (FEW_SHOT, "dho-1000steps-seed0", ["train.steps=1000"]),
+    (FEW_SHOT, "single_head_kd-1000steps-seed1", ["train.method=single_head_kd", "train.steps=1000",
+                                                  "train.seed=1"]),
+    (FEW_SHOT, "dho-1000steps-seed1", ["train.steps=1000", "train.seed=1"]),
 ]
 
 
