@@ -66,9 +66,10 @@ def follow_up(demo_out: Path, folder: str, name: str, overrides: list[str]) -> d
         cache_teacher.run(load_config(config, settings))  # a no-op when the store is complete
         train_student.run(load_config(config, settings))
     result = evaluate.run(run_dir / "final.pt")
-    deployed = "combined_searched" if result["method"] == "dho" else "ce_head"
-    return {"setting": folder, "run": name, "val": result["val_combined_searched"], "test": result[deployed],
-            "alpha": result["alpha"] if result["method"] == "dho" else None, "teacher_test": result["teacher"]}
+    # combined_searched is what the checkpoint deploys: the CE head alone (alpha 1) for single-head methods.
+    return {"setting": folder, "run": name, "val": result["val_combined_searched"],
+            "test": result["combined_searched"], "alpha": result["alpha"] if result["method"] == "dho" else None,
+            "teacher_test": result["teacher"]}
 
 
 @click.command()

@@ -194,8 +194,7 @@ def run(out: Path, plan: DemoPlan, log=print) -> dict:
                 train_student.run(load_config(config, overrides))
                 timings[f"{setting.name}/{method}/seed{seed}_s"] = time.perf_counter() - tick
                 result = evaluate.run(run_dir / "final.pt")
-                accuracy[method].append(result["combined_searched"] if method.startswith("dho")
-                                        else result["ce_head"])
+                accuracy[method].append(result["combined_searched"])  # what it deploys (CE head if single)
                 log(f"{setting.name} {method} seed {seed}: test top-1 {accuracy[method][-1]:.4f}")
         zero_shot = report["teacher_zero_shot_accuracy"]["test"]  # None: the teacher is zero-shot
         results["settings"][setting.name] = {
