@@ -44,21 +44,27 @@ def _human_bytes(n: float) -> str:
 
 
 class DhoGroup(click.Group):
-    """Report dho's own input errors (bad config, shard, store, file) as one line, not a traceback."""
+    """Report dho's own errors (bad config, shard, store, checkpoint, full disk) as one line, not a traceback.
+
+    `dho --debug ...` or DHO_DEBUG=1 shows the full traceback instead.
+    """
 
     def invoke(self, ctx: click.Context):
-        from dho_pipeline.samples import ShardDataError
-        from dho_pipeline.store import StoreMismatch
+        from dho_pipeline.errors import is_user_error, one_line
 
         try:
             return super().invoke(ctx)
-        except (ConfigError, ShardDataError, StoreMismatch, FileNotFoundError, FileExistsError) as e:
-            raise click.ClickException(str(e)) from None
+        except Exception as e:
+            if ctx.params.get("debug") or not is_user_error(e):
+                raise
+            raise click.ClickException(one_line(e)) from None
 
 
 @click.group(cls=DhoGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, envvar="DHO_DEBUG",
+              help="Show full tracebacks instead of one-line errors (also DHO_DEBUG=1).")
 @click.version_option(package_name="dho")
-def main() -> None:
+def main(debug: bool) -> None:
     """Distil a CLIP teacher into a small dual-head student (DHO, arXiv 2505.07675).
 
     \b

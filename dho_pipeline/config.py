@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 import yaml
 
+from dho_pipeline.errors import DhoError
 
-class ConfigError(ValueError):
+
+class ConfigError(DhoError, ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the field."""
 
 

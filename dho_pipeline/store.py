@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from dho_pipeline.errors import DhoError
 from dho_pipeline.shards import Manifest, Shard
 
 STORE_FORMAT = "dho-teacher-store/1"
 ARRAYS = ("logits", "boxes", "flips", "labels", "bad", "done")
 
 
-class StoreMismatch(ValueError):
+class StoreMismatch(DhoError, ValueError):
     """An existing store was made from other settings than the ones asked for."""
 
 
