@@ -6,15 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dho_pipeline.errors import DhoError
-from dho_pipeline.shards import Shard
+from dho_pipeline.shards import Shard, ShardDataError
 from dho_pipeline.views import decode_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
-
-
-class ShardDataError(DhoError, ValueError):
-    """A sample in a shard is malformed; the message names the shard file and the sample key."""
 
 
 @dataclass

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from dho_pipeline.errors import DhoError
 from dho_pipeline.sources import IdxSource, ImageFolderSource, Item
 
 SPLITS = ("labelled", "unlabelled", "val", "test")
@@ -23,15 +27,27 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dho-shards/1"
 
 
+class ShardDataError(DhoError, ValueError):
+    """A shard is missing, damaged or malformed; the message names the shard file (and the sample)."""
+
+
 @dataclass(frozen=True)
 class Shard:
-    """One tar file of a split and the global rows it holds: [first_row, first_row + count)."""
+    """One tar file of a split and the global rows it holds: [first_row, first_row + count).
+
+    `sha256` and `size` (bytes) are what make-shards wrote; empty / None for shard sets without a manifest.
+    """
 
     split: str
     path: Path
     first_row: int
     count: int
     sha256: str
+    size: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     @property
     def rows(self) -> range:
@@ -65,6 +81,17 @@ class Manifest:
     def fingerprint(self) -> list[list]:
         """What the cached logits depend on from the data: every shard's name, size and hash."""
         return [[s.path.name, s.first_row, s.count, s.sha256] for s in self.shards()]
+
+    def check_files(self, shards: list[Shard]) -> None:
+        """Cheap up-front check that `shards` are on disk at the size make-shards wrote (full hash: on read)."""
+        for shard in shards:
+            if not shard.path.is_file():
+                raise ShardDataError(f"{shard.path}: missing, but {self.root / MANIFEST} lists it; "
+                                     "restore the shard folder as make-shards wrote it")
+            size = shard.path.stat().st_size
+            if shard.size is not None and size != shard.size:
+                raise ShardDataError(f"{shard.path}: {size} bytes, {self.root / MANIFEST} says {shard.size}; "
+                                     "the file was truncated or replaced after make-shards")
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
@@ -114,8 +141,8 @@ def write_shards(
                 for k in range(math.ceil(len(items) / shard_size))
             ]
             next_row = first + math.ceil(len(items) / shard_size) * shard_size
-    shards = {k: [Shard(s.split, s.path, s.first_row, s.count, sha256_file(s.path)) for s in v]
-              for k, v in shards.items()}
+    shards = {k: [Shard(s.split, s.path, s.first_row, s.count, sha256_file(s.path), s.path.stat().st_size)
+                  for s in v] for k, v in shards.items()}
     manifest = Manifest(out, list(source.class_names), shard_size, shards, dict(info or {}))
     counts = {k: np.bincount([it.label for it in v], minlength=len(manifest.class_names)).tolist()
               for k, v in splits.items()}
@@ -133,8 +160,8 @@ def save_manifest(manifest: Manifest) -> None:
         "splits": {
             split: {
                 "count": manifest.split_count(split),
-                "shards": [{"file": s.path.name, "first_row": s.first_row, "count": s.count, "sha256": s.sha256}
-                           for s in shards],
+                "shards": [{"file": s.path.name, "first_row": s.first_row, "count": s.count, "sha256": s.sha256,
+                            "bytes": s.size} for s in shards],
             }
             for split, shards in manifest.splits.items()
         },
@@ -152,14 +179,35 @@ def load_manifest(root: Path) -> Manifest:
     if doc.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path}: format {doc.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     splits = {
-        split: [Shard(split, root / s["file"], s["first_row"], s["count"], s["sha256"]) for s in entry["shards"]]
+        split: [Shard(split, root / s["file"], s["first_row"], s["count"], s["sha256"], s.get("bytes"))
+                for s in entry["shards"]]
         for split, entry in doc["splits"].items()
     }
     return Manifest(root, doc["class_names"], doc["shard_size"], splits, doc.get("info", {}))
 
 
+def read_shard_bytes(shard: Shard) -> bytes:
+    """The whole tar file of `shard`, checked against the sha256 make-shards recorded (when there is one)."""
+    try:
+        data = shard.path.read_bytes()
+    except FileNotFoundError:
+        raise ShardDataError(f"{shard.path}: missing (a shard of split {shard.split!r})") from None
+    if shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise ShardDataError(f"{shard.path}: contents differ from the sha256 in {MANIFEST} (the file was "
+                             "truncated, rewritten or replaced after make-shards); restore it or rerun make-shards")
+    return data
+
+
 def iter_shard(shard: Shard) -> Iterator[dict]:
-    """The raw samples of one shard, in order (bytes per extension, plus __key__ and __url__)."""
-    dataset = wds.WebDataset(str(shard.path), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                             empty_check=False)
-    yield from dataset
+    """The raw samples of one shard, in order (bytes per extension, plus __key__ and __url__).
+
+    The file is read whole and hashed first (cheap next to decoding its images), so a changed shard
+    stops the run before any of its samples is used.
+    """
+    data = read_shard_bytes(shard)
+    url = str(shard.path)
+    try:
+        files = [dict(f, __url__=url) for f in tar_file_iterator(io.BytesIO(data))]
+    except (tarfile.TarError, OSError) as e:
+        raise ShardDataError(f"{shard.path}: not a readable tar file ({e})") from None
+    yield from group_by_keys(files)
