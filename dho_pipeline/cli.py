@@ -164,7 +164,7 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
 
 @main.group("cache")
 def cache() -> None:
-    """Look at teacher stores: list them, inspect one."""
+    """Look after teacher stores: list them, inspect one, verify (and repair) one."""
 
 
 @cache.command("inspect")
@@ -174,7 +174,7 @@ def cache_inspect(store: Path, as_json: bool) -> None:
     """Size, progress, fingerprint and teacher accuracy of STORE (from the stored logits)."""
     from dho_pipeline.store_report import summarize
 
-    s = summarize(store)
+    s = summarize(store, progress=not as_json)
     if as_json:
         click.echo(json.dumps(s, indent=1))
         return
@@ -185,6 +185,11 @@ def cache_inspect(store: Path, as_json: bool) -> None:
     click.echo(f"dtype        {s['dtype']}   on disk {_human_bytes(s['bytes_on_disk'])}"
                f"   per view {s['bytes_per_view']:.1f} B")
     click.echo(f"done         {s['done_fraction']:.1%}   bad images skipped {s['bad_rows']}")
+    for name, problem in s["damaged_shards"].items():
+        click.echo(f"DAMAGED      {name}: {problem}")
+    if s["damaged_shards"]:
+        click.echo(f"             rerun `dho cache-teacher` with its config, or `dho cache verify {store} --repair "
+                   "-c CONFIG`, to recompute them")
     click.echo(f"fingerprint  {s['fingerprint']}")
     for split, acc in s["teacher_accuracy"].items():
         views = s["teacher_view_accuracy"][split]
@@ -193,6 +198,42 @@ def cache_inspect(store: Path, as_json: bool) -> None:
         zero_shot = s["teacher_zero_shot_accuracy"][split]
         adapted = "" if zero_shot is None else f"   (zero-shot head {zero_shot:.4f})"
         click.echo(f"teacher top-1 {split:<10} clean {clean}{on_views}{adapted}")
+
+
+@cache.command("verify")
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repair", is_flag=True, help="Recompute damaged and unfinished shards with the teacher (needs -c).")
+@experiment_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_verify(store: Path, repair: bool, config: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check every shard of STORE against the checksums written with it.
+
+    A shard is damaged when one of its chunks is missing, truncated, overwritten or unreadable. Exit
+    status 0 when every shard is computed and intact, 1 otherwise. --repair -c pipeline.yaml runs the
+    teacher on the damaged and unfinished shards (as `dho cache-teacher` with that config would), then
+    checks again. The config must describe the store (same teacher, views and shards).
+    """
+    from dho_pipeline.store import TeacherStore
+    from dho_pipeline.store_report import verify
+
+    if repair:
+        if config is None:
+            raise click.UsageError("--repair recomputes shards with the teacher: give the store's config with -c")
+        from stages import cache_teacher
+
+        cache_teacher.run(_config(config, (*overrides, f"cache.store={store.resolve()}")))
+    report = verify(TeacherStore.open(store), progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(f"{store}: {report['shards']} shards: {len(report['intact'])} intact, "
+                   f"{len(report['damaged'])} damaged, {len(report['not_computed'])} not computed yet")
+        for name, problem in report["damaged"].items():
+            click.echo(f"  DAMAGED {name}: {problem}")
+        if report["damaged"] or report["not_computed"]:
+            click.echo(f"  to recompute them: dho cache verify {store} --repair -c CONFIG")
+    if report["damaged"] or report["not_computed"]:
+        raise SystemExit(1)
 
 
 @cache.command("list")

@@ -26,6 +26,14 @@ class Runtime:
         if self.world_size > 1:
             dist.barrier()
 
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value` on every rank (a picklable object)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' takes CUDA when there is one, else the CPU; anything else is passed to torch."""

@@ -1,4 +1,4 @@
-"""The Zarr teacher-logit store: created from a fingerprint, written one shard (= one chunk) at a time.
+"""The Zarr teacher-logit store: created atomically from a fingerprint, written one shard (= one chunk) at a time.
 
 Layout (rows = the manifest's row space, chunk = one shard along rows):
   logits (rows, 1+K, C) float16  teacher logits per view; NaN where not computed
@@ -6,30 +6,45 @@ Layout (rows = the manifest's row space, chunk = one shard along rows):
   flips  (rows, 1+K)    bool     horizontal flip per view
   labels (rows,)        int16    class index (-1 outside any shard), for reporting only
   bad    (rows,)        bool     image could not be decoded and was skipped
-  done   (rows,)        bool     written; a restart skips shards whose rows are all done
+  done   (rows,)        bool     written and checksummed; a restart skips shards whose rows are all done
   zero_shot (rows, C)   float16  adapted teachers only: the clean view's zero-shot logits
-attributes: format, fingerprint, fingerprint_hash, class_names, splits (row ranges of each shard).
+  checksums (chunks, A) uint64   per shard, a digest of each checked array's rows, written just before `done`
+attributes: format, fingerprint, fingerprint_hash, class_names, splits (row ranges of each shard), checked
+(the arrays `checksums` covers, in column order).
+
+A shard's rows are trusted only when `done` and every checked array matches its checksum: a chunk that is
+missing (read back as fill), truncated or overwritten is found, named, and recomputed by stage one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
+from tqdm import tqdm
 
-from dho_pipeline.errors import DhoError
+from dho_pipeline.errors import DhoError, disk_full, is_disk_full, one_line
 from dho_pipeline.shards import Manifest, Shard
 
-STORE_FORMAT = "dho-teacher-store/1"
+STORE_FORMAT = "dho-teacher-store/2"
 ARRAYS = ("logits", "boxes", "flips", "labels", "bad", "done")
+VERIFY_THREADS = 8  # reads and hashes overlap; zarr's codecs and blake2b release the GIL
+CHECKED = ("logits", "boxes", "flips", "labels", "bad")  # + zero_shot when present; `done` is the mark itself
 
 
-class StoreMismatch(DhoError, ValueError):
+class StoreError(DhoError):
+    """A store is missing, unreadable or damaged; the message names the store and, where known, array and shard."""
+
+
+class StoreMismatch(StoreError, ValueError):
     """An existing store was made from other settings than the ones asked for."""
 
 
@@ -55,6 +70,21 @@ def default_store_path(root: Path, fingerprint: dict) -> Path:
     """<root>/<teacher model>-<12 hex of the fingerprint>.zarr: same settings, same store."""
     model = str(fingerprint["teacher"]["model"]).replace("/", "_").replace(":", "_")
     return Path(root) / f"{model}-{fingerprint_hash(fingerprint)[:12]}.zarr"
+
+
+def digest(values: np.ndarray) -> int:
+    """64-bit digest of an array's bytes, as stored (dtype and C order)."""
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(values).data, digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class StoreShard:
+    """A shard as the store knows it (from its fingerprint): enough to name and find its rows."""
+
+    split: str
+    name: str
+    first_row: int
+    count: int
 
 
 @dataclass
@@ -96,12 +126,24 @@ class TeacherStore:
     def num_rows(self) -> int:
         return self.group["logits"].shape[0]
 
+    @property
+    def checked(self) -> list[str]:
+        return list(self.attrs["checked"])
+
     @classmethod
     def create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
                with_zero_shot: bool = False) -> TeacherStore:
+        """Build the store beside `path` and rename it into place: a kill leaves nothing or a whole store.
+
+        Call with the store's write lock held (store_lock.py); `path` must not exist.
+        """
         path = Path(path)
-        group = zarr.open_group(str(path), mode="w")
+        for leftover in path.parent.glob(f"{path.name}.creating-*"):  # from writers killed while creating
+            shutil.rmtree(leftover, ignore_errors=True)
+        building = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:8]}")
+        group = zarr.open_group(str(building), mode="w")
         rows, chunk, classes = manifest.num_rows, manifest.shard_size, len(manifest.class_names)
+        checked = list(CHECKED) + (["zero_shot"] if with_zero_shot else [])
         specs = {
             "logits": ((rows, num_views, classes), "float16", np.nan),
             "boxes": ((rows, num_views, 4), "float32", 0.0),
@@ -114,37 +156,63 @@ class TeacherStore:
             specs["zero_shot"] = ((rows, classes), "float16", np.nan)
         for name, (shape, dtype, fill) in specs.items():
             group.create_array(name, shape=shape, chunks=(chunk,) + shape[1:], dtype=dtype, fill_value=fill)
+        group.create_array("checksums", shape=(-(-rows // chunk), len(checked)), chunks=(1, len(checked)),
+                           dtype="uint64", fill_value=0)
         group.attrs.update({
             "format": STORE_FORMAT,
             "fingerprint": fingerprint,
             "fingerprint_hash": fingerprint_hash(fingerprint),
             "class_names": manifest.class_names,
             "splits": {split: [[s.first_row, s.count] for s in shards] for split, shards in manifest.splits.items()},
+            "checked": checked,
         })
-        return cls(path, group)
+        os.rename(building, path)
+        return cls.open(path, mode="a")
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> TeacherStore:
+        """Open a finished store; anything else at `path` raises a StoreError that says what it is."""
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise FileNotFoundError(f"{path}: no teacher store here (run `dho cache-teacher` first)")
-        group = zarr.open_group(str(path), mode=mode)
-        if group.attrs.get("format") != STORE_FORMAT:
-            raise ValueError(f"{path}: not a dho teacher store (format {group.attrs.get('format')!r})")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+            found = group.attrs.get("format")
+        except Exception as e:
+            raise StoreError(f"{path}: unreadable store metadata ({one_line(e)})") from None
+        if found is None:
+            raise StoreError(f"{path}: a zarr group without dho's attributes (an interrupted creation, which "
+                             "`dho cache-teacher` replaces, or not a teacher store)")
+        if found != STORE_FORMAT:
+            raise StoreError(f"{path}: not a teacher store this dho reads (format {found!r}, expected "
+                             f"{STORE_FORMAT!r}); rerun `dho cache-teacher --overwrite` to rebuild it")
+        missing = [name for name in (*ARRAYS, "checksums") if name not in group]
+        if missing:
+            raise StoreError(f"{path}: array {missing[0]!r} is missing; rerun `dho cache-teacher --overwrite`")
         return cls(path, group)
 
     @classmethod
     def open_or_create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
                        overwrite: bool = False, with_zero_shot: bool = False) -> TeacherStore:
-        """Reuse a store made from the same fingerprint, refuse another one unless `overwrite`."""
+        """Reuse a store made from the same fingerprint, refuse another one unless `overwrite`.
+
+        An interrupted creation (metadata without attributes or data) is replaced; with `overwrite`,
+        anything at `path` is. Call with the store's write lock held.
+        """
         path = Path(path)
-        if (path / "zarr.json").exists():
-            store = cls.open(path, mode="a")
-            if store.fingerprint == fingerprint:
-                return store
-            if not overwrite:
-                store.check_fingerprint(fingerprint)
-            shutil.rmtree(path)
+        if path.exists() or path.is_symlink():
+            try:
+                store = cls.open(path, mode="a")
+            except (StoreError, FileNotFoundError) as e:
+                if not (overwrite or _interrupted_creation(path)):
+                    what = str(e) if isinstance(e, StoreError) else f"{path}: exists and is not a teacher store"
+                    raise StoreError(f"{what}; pass --overwrite to replace it, or choose another cache.store") from None
+            else:
+                if store.fingerprint == fingerprint:
+                    return store
+                if not overwrite:
+                    store.check_fingerprint(fingerprint)
+            _remove(path)
         return cls.create(path, fingerprint, manifest, num_views, with_zero_shot)
 
     def check_fingerprint(self, expected: dict) -> None:
@@ -156,25 +224,117 @@ class TeacherStore:
                 "Use another cache.store, or rerun `dho cache-teacher --overwrite` to replace it."
             )
 
-    def shard_done(self, shard: Shard) -> bool:
-        return bool(self.group["done"][shard.first_row: shard.first_row + shard.count].all())
+    def shards(self) -> list[StoreShard]:
+        """Every shard of the store's fingerprint, in row order, with its split."""
+        split_of = {first: split for split, ranges in self.attrs["splits"].items() for first, _ in ranges}
+        return [StoreShard(split_of[first], name, first, count)
+                for name, first, count, _ in self.fingerprint["shards"]]
+
+    def shard_done(self, shard: Shard | StoreShard) -> bool:
+        """Whether the shard is marked done (an unreadable mark counts as not done: it gets recomputed)."""
+        try:
+            return bool(self.group["done"][_rows(shard)].all())
+        except Exception:
+            return False
+
+    def shard_flags(self, shard: Shard | StoreShard) -> tuple[bool, np.ndarray]:
+        """(all rows done, bad-image mask) of a shard: a cheap read (its full check comes with read_shard)."""
+        try:
+            return bool(self.group["done"][_rows(shard)].all()), self.group["bad"][_rows(shard)]
+        except Exception as e:
+            raise StoreError(f"{self.path}: shard {shard.name}: done/bad marks unreadable ({one_line(e)}); "
+                             "rerun `dho cache-teacher` with its config to recompute it") from None
+
+    def unmark(self, shard: Shard | StoreShard) -> None:
+        """Mark a shard not done, so stage one recomputes it."""
+        self._write_chunk("done", shard, np.zeros(shard.count, bool))
+
+    def _write_chunk(self, name: str, shard: Shard | StoreShard, values: np.ndarray) -> None:
+        """Write the shard's rows as its whole chunk (rows past the shard get the fill value): the old chunk
+        is never read, so a damaged one is simply replaced."""
+        array = self.group[name]
+        chunk = array.chunks[0]
+        start = self._chunk(shard) * chunk
+        whole = np.full((min(chunk, array.shape[0] - start), *array.shape[1:]), array.fill_value, array.dtype)
+        whole[shard.first_row - start: shard.first_row - start + shard.count] = values
+        array[start: start + len(whole)] = whole
 
     def write_shard(self, shard: Shard, logits: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
                     labels: np.ndarray, bad: np.ndarray, zero_shot: np.ndarray | None = None) -> None:
-        """Write one shard's rows (one chunk), then mark them done: a crash in between only redoes it."""
-        rows = slice(shard.first_row, shard.first_row + shard.count)
-        self.group["logits"][rows] = logits.astype(np.float16)
-        if zero_shot is not None:
-            self.group["zero_shot"][rows] = zero_shot.astype(np.float16)
-        self.group["boxes"][rows] = boxes
-        self.group["flips"][rows] = flips
-        self.group["labels"][rows] = labels
-        self.group["bad"][rows] = bad
-        self.group["done"][rows] = True
+        """Write one shard's rows (one chunk), their checksums, then the done mark: a crash before it redoes it."""
+        values = {"logits": logits, "boxes": boxes, "flips": flips, "labels": labels, "bad": bad,
+                  "zero_shot": zero_shot}
+        sums = []
+        try:
+            for name in self.checked:
+                stored = np.asarray(values[name]).astype(self.group[name].dtype, copy=False)
+                self._write_chunk(name, shard, stored)
+                sums.append(digest(stored))
+            self.group["checksums"][self._chunk(shard)] = np.array(sums, np.uint64)
+            self._write_chunk("done", shard, np.ones(shard.count, bool))
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.path, sum(np.asarray(v).nbytes for v in values.values() if v is not None)) from e
+            raise
 
-    def read_shard(self, shard: Shard) -> ShardRows:
-        rows = slice(shard.first_row, shard.first_row + shard.count)
-        return ShardRows(*(self.group[name][rows] for name in ARRAYS))
+    def verify_shard(self, shard: Shard | StoreShard) -> str | None:
+        """None when the shard is done and intact, else what is wrong with it, in a few words."""
+        return self._read_checked(shard)[1]
+
+    def read_shard(self, shard: Shard | StoreShard) -> ShardRows:
+        """The shard's rows, checked against their checksums; raises StoreError naming array and shard."""
+        arrays, problem = self._read_checked(shard)
+        if problem:
+            raise self._unusable(shard, problem)
+        return ShardRows(*(arrays[name] for name in ARRAYS))
+
+    def require_intact(self, shards: list[Shard]) -> None:
+        """Verify `shards` up front; raise StoreError naming the first that is damaged or not computed yet."""
+        problems = {s: p for s, p in self.check_shards(shards).items() if p}
+        if problems:
+            shard, problem = next(iter(problems.items()))
+            more = f" ({len(problems) - 1} more shards too)" if len(problems) > 1 else ""
+            raise self._unusable(shard, problem + more)
+
+    def _unusable(self, shard: Shard | StoreShard, problem: str) -> StoreError:
+        if problem.startswith(NOT_DONE):
+            return StoreError(f"{self.path}: shard {shard.name} is not cached yet; finish `dho cache-teacher` first")
+        return StoreError(f"{self.path}: shard {shard.name} (rows {shard.first_row}-{shard.first_row + shard.count - 1}"
+                          f"): {problem}; rerun `dho cache-teacher` with its config to recompute it (or `dho cache "
+                          "verify STORE --repair -c CONFIG`)")
+
+    def _read_checked(self, shard: Shard | StoreShard) -> tuple[dict[str, np.ndarray], str | None]:
+        """(arrays read, problem): every array's rows of the shard, and why they cannot be trusted, if so."""
+        rows, arrays = _rows(shard), {}
+        for name in ("done", *self.checked, "checksums"):
+            at = self._chunk(shard) if name == "checksums" else rows
+            try:
+                arrays[name] = self.group[name][at]
+            except Exception as e:
+                return arrays, f"array {name!r}: chunk unreadable ({one_line(e)})"
+            if name == "done" and not arrays["done"].all():
+                return arrays, NOT_DONE
+        if not arrays["checksums"].any():
+            return arrays, "array 'checksums': chunk missing"
+        for name, expected in zip(self.checked, arrays["checksums"], strict=True):
+            if digest(arrays[name]) != int(expected):
+                return arrays, f"array {name!r}: does not match its checksum (chunk missing, truncated or overwritten)"
+        return arrays, None
+
+    def check_shards(self, shards: list[Shard] | list[StoreShard] | None = None,
+                     progress: bool = False) -> dict[StoreShard, str | None]:
+        """verify_shard of every shard (all of the store's by default), read by a few threads at once.
+
+        This reads each chunk once: at 2 bytes per logit, far less than one epoch's images.
+        """
+        shards = self.shards() if shards is None else shards
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            checks = tqdm(pool.map(self.verify_shard, shards), total=len(shards), desc=f"verify {self.path.name}",
+                          unit="shard", disable=not progress, leave=False)
+            return dict(zip(shards, checks, strict=True))
+
+    def _chunk(self, shard: Shard | StoreShard) -> int:
+        return shard.first_row // self.group["logits"].chunks[0]
 
     def split_rows(self) -> dict[str, np.ndarray]:
         """The row ids of every split, from the store's own attributes."""
@@ -185,6 +345,31 @@ class TeacherStore:
 
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+NOT_DONE = "not computed yet"
+
+
+def _rows(shard: Shard | StoreShard) -> slice:
+    return slice(shard.first_row, shard.first_row + shard.count)
+
+
+def _interrupted_creation(path: Path) -> bool:
+    """A zarr group whose creation stopped before its attributes: metadata files only, nothing to lose."""
+    if not (path / "zarr.json").is_file():
+        return False
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except ValueError:
+        return False
+    return "format" not in attrs and all(f.name == "zarr.json" for f in path.rglob("*") if f.is_file())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def build_fingerprint(teacher: dict, views: dict, manifest: Manifest) -> dict:

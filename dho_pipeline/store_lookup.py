@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from dho_pipeline.config import PipelineConfig
+from dho_pipeline.errors import one_line
 from dho_pipeline.shards import Manifest
 from dho_pipeline.store import (
+    StoreError,
     StoreMismatch,
     TeacherStore,
     build_fingerprint,
@@ -68,7 +71,12 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
             raise StoreMismatch(f"{store.path}: made with other settings; fields that differ: {', '.join(fields)}")
         return store
     root = cfg.path(cfg.cache.root)
-    candidates = [TeacherStore.open(p) for p in sorted(root.glob("*.zarr")) if (p / "zarr.json").exists()]
+    candidates = []
+    for path in sorted(root.glob("*.zarr")):
+        try:
+            candidates.append(TeacherStore.open(path))
+        except (StoreError, FileNotFoundError) as e:
+            print(f"dho: skipping {path}: {one_line(e).removeprefix(f'{path}: ')}", file=sys.stderr)
     matching = [s for s in candidates if not _mismatch(s, expected)]
     if len(matching) == 1:
         return matching[0]

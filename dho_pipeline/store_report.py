@@ -1,4 +1,4 @@
-"""What `dho cache inspect` and `dho cache list` report about a store, computed from the store alone."""
+"""What `dho cache inspect`, `list` and `verify` report about a store, computed from the store alone."""
 
 from __future__ import annotations
 
@@ -6,51 +6,71 @@ from pathlib import Path
 
 import numpy as np
 
-from dho_pipeline.store import TeacherStore
+from dho_pipeline.errors import one_line
+from dho_pipeline.store import NOT_DONE, StoreError, StoreShard, TeacherStore
 from dho_pipeline.views import CLEAN_VIEW
 
 UNLABELLED_SAMPLE = 10_000  # unlabelled rows the teacher's accuracy is reported on (the split can be huge)
 
 
-def teacher_accuracy(store: TeacherStore, split_rows: np.ndarray) -> dict[str, float | None]:
-    """Top-1 of the stored logits on a split's finished rows: clean view, and all cached random views."""
-    rows = np.sort(split_rows)
-    none = {"clean": None, "views": None, "zero_shot": None}
-    if len(rows) == 0:
-        return none
-
-    def read(name: str, at: np.ndarray) -> np.ndarray:
-        """Array `name` at sorted rows `at`, in one read of the span they cover."""
-        return store.group[name][at[0]: at[-1] + 1][at - at[0]]
-
-    keep = rows[read("done", rows) & ~read("bad", rows)]
-    if len(keep) == 0:
-        return none
-    logits = read("logits", keep).astype(np.float32)
-    labels = read("labels", keep).astype(np.int64)
+def teacher_accuracy(store: TeacherStore, shards: list[StoreShard], limit: int | None = None
+                     ) -> dict[str, float | None]:
+    """Top-1 of the stored logits on (the first `limit` rows of) intact shards: clean view, and all random views."""
+    logits, labels, zero_shot = [], [], []
+    for shard in shards:
+        if limit is not None and sum(len(x) for x in labels) >= limit:
+            break
+        rows = store.read_shard(shard)
+        keep = ~rows.bad
+        logits.append(rows.logits[keep].astype(np.float32))
+        labels.append(rows.labels[keep].astype(np.int64))
+        if "zero_shot" in store.group:
+            zero_shot.append(store.group["zero_shot"][shard.first_row: shard.first_row + shard.count][keep])
+    if not labels or not sum(len(x) for x in labels):
+        return {"clean": None, "views": None, "zero_shot": None}
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
     clean = float((logits[:, CLEAN_VIEW].argmax(-1) == labels).mean())
-    zero_shot = None
-    if "zero_shot" in store.group:
-        zero_shot = float((read("zero_shot", keep).astype(np.float32).argmax(-1) == labels).mean())
+    adapted = None
+    if zero_shot:
+        adapted = float((np.concatenate(zero_shot).astype(np.float32).argmax(-1) == labels).mean())
     random_views = logits[:, CLEAN_VIEW + 1:]
     computed = ~np.isnan(random_views).any(-1)
     hits = (random_views.argmax(-1) == labels[:, None]) & computed
     views = float(hits.sum() / computed.sum()) if computed.any() else None
-    return {"clean": clean, "views": views, "zero_shot": zero_shot}
+    return {"clean": clean, "views": views, "zero_shot": adapted}
 
 
-def summarize(path: Path) -> dict:
-    """Size, progress, fingerprint and teacher accuracy per split of the store at `path`."""
-    store = TeacherStore.open(path)
-    splits = store.split_rows()
-    valid = np.concatenate(list(splits.values())) if splits else np.zeros(0, int)
-    done = store.group["done"][:]
-    rows, views = len(valid), store.num_views
-    size = store.bytes_on_disk()
-    # Unlabelled labels are kept for reporting only; its first rows are a fair sample at any dataset size.
-    accuracy = {split: teacher_accuracy(store, r[:UNLABELLED_SAMPLE] if split == "unlabelled" else r)
-                for split, r in splits.items()}
+def teacher_name(store: TeacherStore) -> str:
     teacher = store.fingerprint["teacher"]
+    return f"{teacher['model']} ({teacher['pretrained']}, {teacher['head']})"
+
+
+def verify(store: TeacherStore, progress: bool = False) -> dict:
+    """Every shard checked against its checksums: intact, damaged (with what is wrong), not computed yet."""
+    checks = store.check_shards(progress=progress)
+    return {
+        "path": str(store.path),
+        "shards": len(checks),
+        "intact": [s.name for s, problem in checks.items() if problem is None],
+        "damaged": {s.name: problem for s, problem in checks.items() if problem not in (None, NOT_DONE)},
+        "not_computed": [s.name for s, problem in checks.items() if problem == NOT_DONE],
+    }
+
+
+def summarize(path: Path, progress: bool = False) -> dict:
+    """Size, progress, integrity, fingerprint and teacher accuracy per split of the store at `path`.
+
+    Every shard is verified; progress (`done_fraction`) and accuracies count intact shards only.
+    """
+    store = TeacherStore.open(path)
+    checks = store.check_shards(progress=progress)
+    intact = [s for s, problem in checks.items() if problem is None]
+    rows, views = sum(s.count for s in checks), store.num_views
+    size = store.bytes_on_disk()
+    splits = list(store.attrs["splits"])
+    # Unlabelled labels are kept for reporting only; its first rows are a fair sample at any dataset size.
+    accuracy = {split: teacher_accuracy(store, [s for s in intact if s.split == split],
+                                        UNLABELLED_SAMPLE if split == "unlabelled" else None) for split in splits}
     return {
         "path": str(store.path),
         "rows": rows,
@@ -59,10 +79,11 @@ def summarize(path: Path) -> dict:
         "dtype": str(store.group["logits"].dtype),
         "bytes_on_disk": size,
         "bytes_per_view": size / max(1, rows * views),
-        "done_fraction": float(done[valid].mean()) if rows else 0.0,
-        "bad_rows": int(store.group["bad"][:].sum()),
-        "split_rows": {split: len(r) for split, r in splits.items()},
-        "teacher": f"{teacher['model']} ({teacher['pretrained']}, {teacher['head']})",
+        "done_fraction": sum(s.count for s in intact) / rows if rows else 0.0,
+        "damaged_shards": {s.name: problem for s, problem in checks.items() if problem not in (None, NOT_DONE)},
+        "bad_rows": int(sum(store.shard_flags(s)[1].sum() for s in intact)),
+        "split_rows": {split: int(sum(s.count for s in checks if s.split == split)) for split in splits},
+        "teacher": teacher_name(store),
         "fingerprint": store.attrs["fingerprint_hash"],
         "fingerprint_fields": store.fingerprint,
         "teacher_accuracy": {split: acc["clean"] for split, acc in accuracy.items()},
@@ -72,13 +93,18 @@ def summarize(path: Path) -> dict:
 
 
 def list_stores(root: Path) -> list[dict]:
-    """A short summary of every store directly under `root` (unreadable ones say why)."""
+    """A short summary of every store directly under `root`, from its marks (inspect/verify check the chunks)."""
     found = []
     for path in sorted(Path(root).glob("*.zarr")):
         try:
-            s = summarize(path)
-            found.append({k: s[k] for k in ("path", "teacher", "classes", "views", "rows", "done_fraction",
-                                             "bytes_on_disk")})
-        except (OSError, ValueError, KeyError) as e:
-            found.append({"path": str(path), "error": str(e)})
+            store = TeacherStore.open(path)
+            shards = store.shards()
+            rows = sum(s.count for s in shards)
+            done = sum(s.count for s in shards if store.shard_done(s))
+            found.append({"path": str(path), "teacher": teacher_name(store), "classes": store.num_classes,
+                          "views": store.num_views,
+                          "rows": rows, "done_fraction": done / rows if rows else 0.0,
+                          "bytes_on_disk": store.bytes_on_disk()})
+        except (StoreError, FileNotFoundError) as e:
+            found.append({"path": str(path), "error": one_line(e).removeprefix(f"{path}: ")})
     return found

@@ -10,7 +10,8 @@ arithmetic, without reading them.
 Views. In epoch e, row r uses cached view 1 + (r + e + seed) mod K, so every view is used once every K
 epochs. Its crop box and flip come from the store and are replayed on the decoded image. Online mode
 with fresh views instead draws view 1 + e from the same seeded recipe (view_params) for the teacher.
-One shard's store rows are read in one chunk read per array, never one read per sample.
+One shard's store rows are read in one chunk read per array, never one read per sample, and checked
+against the checksums stage one wrote with them; the shard's tar file against its sha256.
 """
 
 from __future__ import annotations
@@ -64,12 +65,10 @@ class StudentStream(IterableDataset):
         self._last_read: tuple[int, list[dict], ShardRows | None] | None = None
         if store_path is not None:
             store = TeacherStore.open(store_path)
+            if rank == 0:  # one full check before training; every later read is checked again
+                store.require_intact(shards)
             for shard in shards:
-                rows = store.read_shard(shard)
-                if not rows.done.all():
-                    raise ValueError(f"{store_path}: shard {shard.path.name} is not cached yet; "
-                                     "finish `dho cache-teacher` first")
-                self.bad_rows.update(int(r) for r in np.flatnonzero(rows.bad) + shard.first_row)
+                self.bad_rows.update(int(r) for r in np.flatnonzero(store.shard_flags(shard)[1]) + shard.first_row)
 
     def _consumer(self) -> tuple[int, int, int, int]:
         """(consumer id, consumer count, logical worker id, worker count).

@@ -1,0 +1,248 @@
+"""The store survives damage and misuse: every chunk verified, atomic creation, one writer, checked shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from dho_pipeline.cli import main
+from dho_pipeline.config import load_config
+from dho_pipeline.shards import load_manifest, write_shards
+from dho_pipeline.splits import split_source
+from dho_pipeline.store import TeacherStore
+from dho_pipeline.store_lock import lock_path
+from stages import cache_teacher
+from tests.conftest import SHARD_SIZE, write_config
+
+pytestmark = pytest.mark.reliability
+
+STUDENT = {"model": "resnet10t", "image_size": 32}
+TRAIN = {"steps": 4, "batch_labelled": 8, "batch_unlabelled": 16, "log_every": 2, "checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def reference(shards_dir, teacher_file, tmp_path_factory):
+    """A finished store, never damaged: what every repaired store must equal."""
+    config = write_config(tmp_path_factory.mktemp("ref") / "p.yaml", shards_dir, teacher_file)
+    return cache_teacher.run(load_config(config))
+
+
+@pytest.fixture
+def store_copy(reference, shards_dir, teacher_file, tmp_path):
+    """A copy of the reference store and a config (stage one and two) that names it."""
+    path = tmp_path / "store.zarr"
+    shutil.copytree(reference, path)
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(path)},
+                          student=STUDENT, train={**TRAIN, "out_dir": str(tmp_path / "run")})
+    return path, config
+
+
+def chunk_file(store, array: str, shard_index: int):
+    """The file of `array`'s chunk for the shard at `shard_index` (zarr 3's default chunk keys)."""
+    ndim = len(zarr.open_array(str(store / array)).shape)
+    return store.joinpath(array, "c", str(shard_index), *["0"] * (ndim - 1))
+
+
+def assert_same_store(a, b):
+    x, y = TeacherStore.open(a), TeacherStore.open(b)
+    assert x.fingerprint == y.fingerprint
+    for name in ("logits", "boxes", "flips", "labels", "bad", "done", "checksums"):
+        np.testing.assert_array_equal(x.group[name][:], y.group[name][:], err_msg=name)
+
+
+def dho(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, *expected: str) -> None:
+    """Exit status 1, no traceback, and one `Error:` line (progress bars aside) that names what is expected."""
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    for text in expected:
+        assert text in errors[0], (text, errors[0])
+
+
+DAMAGE = {
+    "deleted": lambda f: f.unlink(),
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]),
+    "overwritten": lambda f: f.write_bytes(bytes(len(f.read_bytes()))),  # same size, other bytes
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_logits_chunk_is_named_and_exactly_its_shard_recomputed(damage, store_copy, reference):
+    store, config = store_copy
+    shard = TeacherStore.open(store).shards()[5]
+    DAMAGE[damage](chunk_file(store, "logits", 5))  # a partial shard: its chunk also holds fill rows
+
+    verify = dho("cache", "verify", store)
+    assert verify.exit_code == 1 and f"DAMAGED {shard.name}: array 'logits'" in verify.output, verify.output
+    inspect = dho("cache", "inspect", store)
+    assert inspect.exit_code == 0 and f"DAMAGED      {shard.name}" in inspect.output, inspect.output
+    one_line_error(dho("train-student", "-c", config), str(store), "array 'logits'", f"shard {shard.name}")
+
+    damaged = chunk_file(store, "logits", 5)
+    untouched = {f: f.stat().st_mtime_ns for f in (store / "logits").rglob("*") if f.is_file() and f != damaged}
+    assert cache_teacher.run(load_config(config)) == store
+    rewritten = [f for f, mtime in untouched.items() if f.stat().st_mtime_ns != mtime]
+    assert rewritten == [], "only the damaged shard's chunk may be written again"
+    assert damaged.exists()
+    assert_same_store(store, reference)
+
+
+def test_verify_repair_recomputes_a_lost_mark_and_a_lost_checksum(store_copy, reference):
+    store, config = store_copy
+    chunk_file(store, "done", 2).unlink()  # reads as "not done": recomputed like an unfinished shard
+    chunk_file(store, "checksums", 7).unlink()
+    shards = TeacherStore.open(store).shards()
+    before = dho("cache", "verify", store, "--json")
+    assert before.exit_code == 1
+    report = json.loads(before.output)
+    assert report["not_computed"] == [shards[2].name]
+    assert report["damaged"] == {shards[7].name: "array 'checksums': chunk missing"}
+    usage = dho("cache", "verify", store, "--repair")
+    assert usage.exit_code == 2 and "-c" in usage.output
+    repaired = dho("cache", "verify", store, "--repair", "-c", config)
+    assert repaired.exit_code == 0 and "0 damaged, 0 not computed yet" in repaired.output, repaired.output
+    assert_same_store(store, reference)
+
+
+def test_a_store_whose_creation_was_interrupted_is_completed(shards_dir, teacher_file, reference, tmp_path):
+    store = tmp_path / "cache" / "broken.zarr"  # what a kill between metadata and attributes left before
+    group = zarr.open_group(str(store), mode="w")
+    group.create_array("logits", shape=(10, 2, 3), chunks=(5, 2, 3), dtype="float16")
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)})
+
+    listed = dho("cache", "list", "--root", store.parent)
+    assert listed.exit_code == 0 and "broken.zarr  unreadable: a zarr group without dho's attributes" in listed.output
+    assert cache_teacher.run(load_config(config)) == store
+    assert_same_store(store, reference)
+
+
+def test_a_killed_creation_leaves_nothing_and_the_next_run_cleans_up(shards_dir, teacher_file, tmp_path,
+                                                                     monkeypatch):
+    store = tmp_path / "new.zarr"
+    config = load_config(write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)}))
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for a kill after the arrays were made, before the rename
+
+    monkeypatch.setattr(os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher.run(config, max_shards=1)
+    monkeypatch.undo()
+    assert not store.exists() and len(list(tmp_path.glob("new.zarr.creating-*"))) == 1
+    cache_teacher.run(config, max_shards=1)
+    assert TeacherStore.open(store).group["done"][:].any()
+    assert not list(tmp_path.glob("new.zarr.creating-*")) and not lock_path(store).exists()
+
+
+def test_overwrite_replaces_anything_and_nothing_else_does(shards_dir, teacher_file, tmp_path):
+    store = tmp_path / "store.zarr"
+    store.mkdir()
+    (store / "notes.txt").write_text("someone's data")
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)})
+    one_line_error(dho("cache-teacher", "-c", config, "--max-shards", "1"), str(store), "--overwrite")
+    assert (store / "notes.txt").read_text() == "someone's data"
+    assert dho("cache-teacher", "-c", config, "--max-shards", "1", "--overwrite").exit_code == 0
+    assert not (store / "notes.txt").exists() and TeacherStore.open(store).group["done"][:].any()
+
+
+def test_store_lookup_under_cache_root_skips_and_names_a_broken_store(store_copy, tmp_path):
+    store, config = store_copy
+    (store.parent / "junk.zarr").mkdir()
+    (store.parent / "junk.zarr" / "zarr.json").write_text("{not json")
+    root_config = write_config(tmp_path / "root.yaml", *_shards_and_teacher(config), cache={"root": str(store.parent)},
+                               student=STUDENT, train={**TRAIN, "out_dir": str(tmp_path / "run2")})
+    result = dho("train-student", "-c", root_config)
+    assert result.exit_code == 0, result.output
+    assert "skipping" in result.output and "junk.zarr" in result.output
+
+
+def _shards_and_teacher(config):
+    cfg = load_config(config)
+    return cfg.path(cfg.data.shards), cfg.path(cfg.teacher.pretrained)
+
+
+@pytest.fixture
+def own_shards(fmnist, tmp_path):
+    splits = split_source(fmnist, shots=1, val_per_class=1, test_per_class=1, max_train_per_class=3, seed=4)
+    write_shards(fmnist, splits, tmp_path / "shards", shard_size=SHARD_SIZE)
+    return tmp_path / "shards", splits
+
+
+def test_a_shard_changed_after_make_shards_is_refused_by_both_stages(own_shards, fmnist, teacher_file, tmp_path):
+    shards, splits = own_shards
+    config = write_config(tmp_path / "p.yaml", shards, teacher_file, student=STUDENT,
+                          train={**TRAIN, "out_dir": str(tmp_path / "run")})
+    assert dho("cache-teacher", "-c", config).exit_code == 0
+    # The same keys and row ids over other images: the unlabelled split's images in another order.
+    shuffled = {**splits, "unlabelled": splits["unlabelled"][::-1]}
+    write_shards(fmnist, shuffled, tmp_path / "other", shard_size=SHARD_SIZE)
+    target = load_manifest(shards).splits["unlabelled"][0].path
+    shutil.copy(tmp_path / "other" / target.name, target)
+    one_line_error(dho("train-student", "-c", config), str(target), "sha256")
+    fresh = f"cache.store={tmp_path / 'fresh.zarr'}"  # the finished store has no shard left to read
+    one_line_error(dho("cache-teacher", "-c", config, "--set", fresh), str(target), "sha256")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_missing_or_truncated_shard_is_named_in_one_line(damage, own_shards, teacher_file, tmp_path):
+    shards, _ = own_shards
+    config = write_config(tmp_path / "p.yaml", shards, teacher_file)
+    target = load_manifest(shards).splits["unlabelled"][0].path
+    DAMAGE[damage](target)
+    one_line_error(dho("cache-teacher", "-c", config), str(target), "missing" if damage == "deleted" else "bytes")
+
+
+def hold_lock(store):
+    """A real second process that holds the store's write lock until killed."""
+    code = ("import sys, time; from dho_pipeline.store_lock import store_write_lock\n"
+            f"with store_write_lock({str(store)!r}):\n    print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_told_who_holds_the_store_and_a_dead_holders_lock_is_taken_over(
+        store_copy, reference):
+    store, config = store_copy
+    chunk_file(store, "logits", 3).unlink()
+    holder = hold_lock(store)
+    try:
+        refused = dho("cache-teacher", "-c", config)
+        one_line_error(refused, str(store), f"pid {holder.pid} on host", "being written by")
+        assert not chunk_file(store, "logits", 3).exists(), "a refused writer must not touch the store"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_path(store).exists(), "kill -9 leaves the lock file behind"
+    result = dho("cache-teacher", "-c", config)
+    assert result.exit_code == 0 and f"taking over the lock left by pid {holder.pid}" in result.output
+    assert_same_store(store, reference)
+    assert not lock_path(store).exists()
+
+
+def test_two_writers_started_together_on_a_new_store(shards_dir, teacher_file, reference, tmp_path):
+    store = tmp_path / "new.zarr"
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)})
+    cmd = [sys.executable, "-m", "dho_pipeline.cli", "cache-teacher", "-c", str(config)]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in runs]
+    codes = sorted(code for code, _ in results)
+    if codes == [0, 0]:  # the first finished before the second took the lock: it found nothing to do
+        assert_same_store(store, reference)
+        return
+    assert codes == [0, 1], results
+    refused = next(err for code, err in results if code == 1)
+    assert "being written by pid" in refused and "Traceback" not in refused
+    assert_same_store(store, reference)
