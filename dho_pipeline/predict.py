@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import UnidentifiedImageError
 
+from dho_pipeline.errors import DhoError
 from dho_pipeline.evaluation import combine
 from dho_pipeline.runtime import pick_device
 from dho_pipeline.student_checkpoint import load_student
 from dho_pipeline.views import CLEAN_VIEW, ViewRecipe, decode_image, normalize, render_view, view_params
+
+
+class NotAnImage(DhoError, ValueError):
+    """A file given to `dho predict` cannot be decoded as an image; the message names it."""
 
 
 @torch.no_grad()
@@ -21,10 +27,13 @@ def predict_files(checkpoint: Path, images: list[Path], top_k: int = 3,
     size = student.data.image_size
     batch = []
     for path in images:
+        data = Path(path).read_bytes()
         try:
-            image = decode_image(Path(path).read_bytes())
+            image = decode_image(data)
+        except UnidentifiedImageError:
+            raise NotAnImage(f"{path}: not an image (PIL recognises no image format in it)") from None
         except Exception as e:
-            raise ValueError(f"{path}: cannot decode image: {e}") from None
+            raise NotAnImage(f"{path}: cannot decode image: {e}") from None
         box, flip = view_params(ViewRecipe(), 0, CLEAN_VIEW, image.shape[2], image.shape[1])
         batch.append(render_view(image, box, flip, size))
     ce, kd = student.model(normalize(torch.stack(batch).to(dev), student.data.mean, student.data.std))

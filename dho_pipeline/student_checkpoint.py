@@ -10,6 +10,7 @@ import torch
 
 from dho_pipeline.checkpoint import load_checkpoint
 from dho_pipeline.config import StudentConfig
+from dho_pipeline.errors import CheckpointError
 from dho_pipeline.student import DualHeadStudent, StudentData, build_student
 
 
@@ -24,10 +25,10 @@ class TrainedStudent:
 
 
 def load_student(path: Path, device: torch.device) -> TrainedStudent:
-    """The model of a final.pt (or last.pt) on `device`, in eval mode, with its alpha and beta."""
+    """The model of a final.pt on `device`, in eval mode, with its alpha and beta."""
     ckpt = load_checkpoint(path)
     if "alpha" not in ckpt:
-        raise ValueError(f"{path}: a checkpoint of an unfinished run (no alpha/beta yet): use final.pt")
+        raise CheckpointError(f"{path}: a checkpoint of an unfinished run (no alpha/beta yet): use final.pt")
     cfg = StudentConfig(**ckpt["config"]["student"])
     cfg = dataclasses.replace(cfg, pretrained_file=None)  # the state dict below holds every weight
     model, _ = build_student(cfg, ckpt["class_names"], ckpt["config"]["teacher"]["extra_templates"] or None)

@@ -5,6 +5,10 @@ the student's resolution and the teacher's logits for that view read from the st
 only in the online mode (teacher.mode: online), which shares every other line of this recipe.
 Checkpoints hold model, optimiser, scheduler, step and RNG states; the loaders resume by arithmetic
 from the step, so a resumed run continues exactly where the killed one stopped.
+
+As in torchtune's recipes, `run` is the recipe in order: named setup functions (data and store, teacher,
+student and optimiser, resume state, loaders), then the training loop and its step. A loss or weights
+that stop being finite end the run at that step, before any checkpoint holds them.
 """
 
 from __future__ import annotations
@@ -12,165 +16,331 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dho_pipeline.config import PipelineConfig
+from dho_pipeline.config import PipelineConfig, TrainConfig
+from dho_pipeline.errors import DhoError, disk_full, is_disk_full
 from dho_pipeline.evaluation import accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.losses import training_loss
-from dho_pipeline.runtime import autocast, init_runtime
+from dho_pipeline.runtime import Runtime, autocast, init_runtime
 from dho_pipeline.schedule import make_scheduler
-from dho_pipeline.shards import load_manifest
+from dho_pipeline.shards import Manifest, load_manifest
 from dho_pipeline.store_lookup import find_store, view_recipe
-from dho_pipeline.student import build_student
+from dho_pipeline.student import DualHeadStudent, StudentData, build_student
 from dho_pipeline.student_stream import StreamSpec, StudentStream, clean_batches
-from dho_pipeline.teacher import load_teacher
+from dho_pipeline.teacher import Teacher, load_teacher
 from dho_pipeline.templates import resolve_templates
 from dho_pipeline.tip_adapter import attach_adapter
 from dho_pipeline.views import normalize
 
 
+class TrainingDiverged(DhoError):
+    """The loss or the weights stopped being finite; the message names the step, its shards and the checkpoint kept."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every part of a run reads: the config, this process's place, the shards, the store, the step budget."""
+
+    cfg: PipelineConfig
+    runtime: Runtime
+    manifest: Manifest
+    store_path: str | None  # None: online mode with fresh views, drawn instead of replayed
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def online(self) -> bool:
+        return self.cfg.teacher.mode == "online"
+
+
+@dataclass
+class Student:
+    """The model in training and the states a checkpoint saves and restores with it."""
+
+    model: DualHeadStudent
+    data: StudentData
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class StepInputs:
+    """One step's batch on the device: images (labelled first), labels, teacher logits, and the rows it holds."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    teacher_l: torch.Tensor | None
+    teacher_u: torch.Tensor | None
+    rows: torch.Tensor
+
+
 def run(cfg: PipelineConfig, resume: bool = False, max_steps: int | None = None) -> Path:
     """Train (or continue training) the student of `cfg`; returns the run folder. `max_steps` stops early."""
-    runtime = init_runtime(cfg.train.device)
-    device, tc = runtime.device, cfg.train
-    out_dir = cfg.path(tc.out_dir)
-    manifest = load_manifest(cfg.path(cfg.data.shards))
-    online = cfg.teacher.mode == "online"
-    fresh = online and cfg.teacher.online_views == "fresh"
-    store = None if fresh else find_store(cfg, manifest)
-    teacher = load_teacher(cfg.teacher, manifest.class_names, device, cfg.base_dir) if online else None
-    if online:
-        attach_adapter(teacher, cfg, manifest, runtime)
+    ctx = setup_data(cfg)
+    teacher = setup_teacher(ctx)
+    student = setup_student(ctx)
+    checkpoints = Checkpoints(ctx)
+    start_step = checkpoints.restore(student) if resume else 0
+    metrics = MetricsLog(checkpoints.out_dir / "metrics.jsonl", start_step, ctx.runtime.is_main)
+    feed = setup_loaders(ctx, teacher, student.data, start_step)
+    stop = ctx.total_steps if max_steps is None else min(ctx.total_steps, start_step + max_steps)
+    train(ctx, student, feed, checkpoints, metrics, range(start_step, stop))
+    if stop == ctx.total_steps:
+        save_final(ctx, student, checkpoints)
+    ctx.runtime.barrier()
+    return checkpoints.out_dir
 
+
+def setup_data(cfg: PipelineConfig) -> RunContext:
+    """Join torchrun's processes, read the shard manifest, find the teacher store and count the steps."""
+    runtime = init_runtime(cfg.train.device)
+    manifest = load_manifest(cfg.path(cfg.data.shards))
+    fresh = cfg.teacher.mode == "online" and cfg.teacher.online_views == "fresh"
+    store = None if fresh else find_store(cfg, manifest)
+    steps_per_epoch, total_steps = step_budget(cfg.train, manifest, runtime.world_size)
+    return RunContext(cfg, runtime, manifest, str(store.path) if store else None, steps_per_epoch, total_steps)
+
+
+def step_budget(tc: TrainConfig, manifest: Manifest, world_size: int) -> tuple[int, int]:
+    """(steps per epoch, steps of the run).
+
+    An epoch is a pass over the unlabelled split for every method, so CE-only gets the same step budget
+    (and validation cadence) as the distilled students; without unlabelled images, over the labelled split.
+    """
+    split, batch_size = ("unlabelled", tc.batch_unlabelled) if manifest.split_count("unlabelled") else (
+        "labelled", tc.batch_labelled)
+    steps_per_epoch = math.ceil(manifest.split_count(split) / (batch_size * world_size))
+    return steps_per_epoch, tc.steps or math.ceil(tc.epochs * steps_per_epoch)
+
+
+def setup_teacher(ctx: RunContext) -> Teacher | None:
+    """The teacher (with its Tip-Adapter, if any) in online mode; None when its logits come from the store."""
+    if not ctx.online:
+        return None
+    teacher = load_teacher(ctx.cfg.teacher, ctx.manifest.class_names, ctx.runtime.device, ctx.cfg.base_dir)
+    attach_adapter(teacher, ctx.cfg, ctx.manifest, ctx.runtime)
+    return teacher
+
+
+def setup_student(ctx: RunContext) -> Student:
+    """The student seeded with train.seed on the device, AdamW, the lr schedule and the fp16 grad scaler."""
+    cfg, tc, device = ctx.cfg, ctx.cfg.train, ctx.runtime.device
     torch.manual_seed(tc.seed)
     templates = resolve_templates(cfg.teacher.templates, cfg.teacher.extra_templates)
-    model, data = build_student(cfg.student, manifest.class_names, templates, cfg.base_dir)
+    model, data = build_student(cfg.student, ctx.manifest.class_names, templates, cfg.base_dir)
     model.to(device)
     if tc.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-
-    uses_unlabelled = tc.method != "ce_only"
-    # An epoch is a pass over the unlabelled split for every method, so CE-only gets the same step budget
-    # (and validation cadence) as the distilled students; without unlabelled images, over the labelled split.
-    split, batch_size = ("unlabelled", tc.batch_unlabelled) if manifest.split_count("unlabelled") else (
-        "labelled", tc.batch_labelled)
-    steps_per_epoch = math.ceil(manifest.split_count(split) / (batch_size * runtime.world_size))
-    total_steps = tc.steps or math.ceil(tc.epochs * steps_per_epoch)
-    scheduler = make_scheduler(optimizer, total_steps, tc.warmup, tc.schedule)
+    scheduler = make_scheduler(optimizer, ctx.total_steps, tc.warmup, tc.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
+    return Student(model, data, optimizer, scheduler, scaler)
 
-    start_step = 0
-    last = out_dir / "last.pt"
-    if resume and last.exists():
-        state = load_checkpoint(last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][runtime.rank])
-        start_step = state["step"]
-    metrics = MetricsLog(out_dir / "metrics.jsonl", start_step, runtime.is_main)
 
-    spec = StreamSpec(
-        student_size=data.image_size, seed=tc.seed, cached_logits=not online,
-        teacher_size=teacher.image_size if online else None,
-        fresh_views=view_recipe(cfg) if fresh else None, skip_bad=cfg.data.on_bad_image == "skip",
-    )
-    store_path = str(store.path) if store else None
+class Checkpoints:
+    """The run folder's last.pt and final.pt; remembers the last good checkpoint (resumed from or written)."""
 
-    def loader(split_name: str, size: int) -> DataLoader:
-        stream = StudentStream(manifest.splits[split_name], store_path, spec, size, runtime.rank,
-                               runtime.world_size, start_batch=start_step)
-        return DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
-                          pin_memory=device.type == "cuda", persistent_workers=False)
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.out_dir = ctx.cfg.path(ctx.cfg.train.out_dir)
+        self.last = self.out_dir / "last.pt"
+        self.last_step: int | None = None
 
-    labelled = iter(loader("labelled", tc.batch_labelled))
-    unlabelled = iter(loader("unlabelled", tc.batch_unlabelled)) if uses_unlabelled else None
-    net = DistributedDataParallel(model) if runtime.world_size > 1 else model
-    net = torch.compile(net) if tc.compile else net
-    net.train()
+    def restore(self, student: Student) -> int:
+        """Load last.pt, when there is one, into `student` and this process's RNGs; its step, else 0."""
+        if not self.last.exists():
+            return 0
+        state = load_checkpoint(self.last)
+        student.model.load_state_dict(state["model"])
+        student.optimizer.load_state_dict(state["optimizer"])
+        student.scheduler.load_state_dict(state["scheduler"])
+        student.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][self.ctx.runtime.rank])
+        self.last_step = state["step"]
+        return state["step"]
 
-    def inputs(batch: dict) -> torch.Tensor:
-        x = normalize(batch["images"].to(device, non_blocking=True), data.mean, data.std)
-        return x.contiguous(memory_format=torch.channels_last) if tc.channels_last else x
-
-    def teacher_logits(batch: dict) -> torch.Tensor:
-        if online:
-            images = batch["teacher_images"].to(device, non_blocking=True)
-            with autocast(device, tc.amp):
-                return teacher.logits(normalize(images, teacher.mean, teacher.std)).float()
-        return batch["teacher_logits"].to(device, non_blocking=True)
-
-    def save(path: Path, step: int, **extra) -> None:
-        states = [None] * runtime.world_size
-        if runtime.world_size > 1:
+    def save(self, student: Student, step: int, path: Path | None = None, **extra) -> None:
+        """Write last.pt (or `path`) from rank 0, with every rank's RNG state and `extra` keys."""
+        ctx = self.ctx
+        states = [None] * ctx.runtime.world_size
+        if ctx.runtime.world_size > 1:
             torch.distributed.all_gather_object(states, rng_state())
         else:
             states = [rng_state()]
-        if runtime.is_main:
-            save_checkpoint(path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "rng": states, "config": cfg.to_dict(), "class_names": manifest.class_names,
-                "student_data": data.__dict__, "store": store_path, "shards": str(manifest.root), **extra,
+        if ctx.runtime.is_main:
+            save_checkpoint(path or self.last, {
+                "model": student.model.state_dict(), "optimizer": student.optimizer.state_dict(),
+                "scheduler": student.scheduler.state_dict(), "scaler": student.scaler.state_dict(), "step": step,
+                "rng": states, "config": ctx.cfg.to_dict(), "class_names": ctx.manifest.class_names,
+                "student_data": student.data.__dict__, "store": ctx.store_path, "shards": str(ctx.manifest.root),
+                **extra,
             })
+        if path is None:
+            self.last_step = step
 
-    val_shards = manifest.splits.get("val", [])
-    stop = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
+    def kept(self) -> str:
+        """Which checkpoint a stopped run can go back to, in words."""
+        if self.last_step is None:
+            return "no checkpoint of this run was written yet"
+        return f"the last good checkpoint {self.last} (step {self.last_step}) is kept"
+
+
+def setup_loaders(ctx: RunContext, teacher: Teacher | None, data: StudentData, start_step: int) -> StepFeed:
+    """The endless labelled and (but for CE-only) unlabelled loaders, resumed at `start_step` by arithmetic."""
+    cfg, tc, runtime = ctx.cfg, ctx.cfg.train, ctx.runtime
+    spec = StreamSpec(
+        student_size=data.image_size, seed=tc.seed, cached_logits=not ctx.online,
+        teacher_size=teacher.image_size if teacher else None,
+        fresh_views=view_recipe(cfg) if ctx.store_path is None else None, skip_bad=cfg.data.on_bad_image == "skip",
+    )
+
+    def loader(split: str, batch_size: int) -> Iterator[dict]:
+        stream = StudentStream(ctx.manifest.splits[split], ctx.store_path, spec, batch_size, runtime.rank,
+                               runtime.world_size, start_batch=start_step)
+        return iter(DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                               pin_memory=runtime.device.type == "cuda", persistent_workers=False))
+
+    labelled = loader("labelled", tc.batch_labelled)
+    unlabelled = loader("unlabelled", tc.batch_unlabelled) if tc.method != "ce_only" else None
+    return StepFeed(labelled, unlabelled, teacher, data, tc, runtime.device)
+
+
+class StepFeed:
+    """Each step's inputs on the device: student views, labels and teacher logits (cached, or run online)."""
+
+    def __init__(self, labelled: Iterator[dict], unlabelled: Iterator[dict] | None, teacher: Teacher | None,
+                 data: StudentData, tc: TrainConfig, device: torch.device):
+        self.labelled, self.unlabelled, self.teacher = labelled, unlabelled, teacher
+        self.data, self.tc, self.device = data, tc, device
+
+    def next(self) -> StepInputs:
+        batch_l = next(self.labelled)
+        images, labels = self._images(batch_l), batch_l["label"].to(self.device)
+        if self.unlabelled is None:
+            return StepInputs(images, labels, None, None, batch_l["row"])
+        teacher_l = self._teacher_logits(batch_l)
+        batch_u = next(self.unlabelled)
+        images = torch.cat([images, self._images(batch_u)])
+        return StepInputs(images, labels, teacher_l, self._teacher_logits(batch_u),
+                          torch.cat([batch_l["row"], batch_u["row"]]))
+
+    def _images(self, batch: dict) -> torch.Tensor:
+        x = normalize(batch["images"].to(self.device, non_blocking=True), self.data.mean, self.data.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.tc.channels_last else x
+
+    def _teacher_logits(self, batch: dict) -> torch.Tensor:
+        if self.teacher is None:
+            return batch["teacher_logits"].to(self.device, non_blocking=True)
+        images = batch["teacher_images"].to(self.device, non_blocking=True)
+        with autocast(self.device, self.tc.amp):
+            return self.teacher.logits(normalize(images, self.teacher.mean, self.teacher.std)).float()
+
+
+def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkpoints, metrics: MetricsLog,
+          steps: range) -> None:
+    """Run `steps`: log every train.log_every, validate every epoch, write last.pt every train.checkpoint_every.
+
+    A step whose loss, or whose weights at a checkpoint, are not finite stops the run with TrainingDiverged.
+    """
+    tc, runtime = ctx.cfg.train, ctx.runtime
+    net = DistributedDataParallel(student.model) if runtime.world_size > 1 else student.model
+    net = torch.compile(net) if tc.compile else net
+    net.train()
+    val_shards = ctx.manifest.splits.get("val", [])
     tick, seen = time.perf_counter(), 0
-    for step in tqdm(range(start_step, stop), desc="train-student", initial=start_step, total=total_steps,
+    for step in tqdm(steps, desc="train-student", initial=steps.start, total=ctx.total_steps,
                      disable=not runtime.is_main):
-        batch_l = next(labelled)
-        x, labels = inputs(batch_l), batch_l["label"].to(device)
-        t_l = teacher_logits(batch_l) if uses_unlabelled else None
-        if uses_unlabelled:
-            batch_u = next(unlabelled)
-            x = torch.cat([x, inputs(batch_u)])
-            t_u = teacher_logits(batch_u)
-        with autocast(device, tc.amp):
-            ce, kd = net(x)
-        n = len(labels)
-        out_u = (ce[n:], kd[n:]) if uses_unlabelled else None
-        loss, parts = training_loss(tc.method, (ce[:n], kd[:n]), labels, t_l, out_u, t_u if uses_unlabelled
-                                    else None, tc.temperature, tc.weighting)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tc.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        seen += len(x)
         done = step + 1
-        if done % tc.log_every == 0 or done == total_steps:
+        inputs = feed.next()
+        loss, parts = step_loss(net, inputs, tc)
+        if not finite_on_every_rank([loss], runtime):
+            value = loss.item()
+            what = f"the loss is {value}" if not math.isfinite(value) else "another rank's loss is not finite"
+            raise diverged(ctx, checkpoints, done, inputs.rows, what)
+        lr = optimizer_step(student, loss, tc)
+        seen += len(inputs.images)
+        if done % tc.log_every == 0 or done == ctx.total_steps:
             elapsed = time.perf_counter() - tick
-            metrics.write({"step": done, "epoch": done / steps_per_epoch, "loss": loss.item(), **parts, "lr": lr,
+            metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, "loss": loss.item(), **parts, "lr": lr,
                            "images_per_s": seen * runtime.world_size / max(elapsed, 1e-9)})
             tick, seen = time.perf_counter(), 0
-        if runtime.is_main and val_shards and (done % steps_per_epoch == 0 or done == total_steps):
-            metrics.write({"step": done, "epoch": done / steps_per_epoch,
-                           "val": validate(model, val_shards, data, device, cfg)})
-        if done % tc.checkpoint_every == 0 or done == stop:
-            save(last, done)
-    if stop == total_steps:
-        alpha, beta = cfg.eval.default_alpha, cfg.eval.default_beta
-        if runtime.is_main and val_shards and tc.method == "dho":
-            out = head_outputs(model, clean_batches(val_shards, data.image_size, cfg.eval.batch_size), data, device)
-            alpha, beta, _ = search_alpha_beta(out, cfg.eval.alpha_grid, cfg.eval.beta_grid)
-        if tc.method != "dho":
-            alpha, beta = 1.0, 1.0  # one trained head: the CE head
-        save(out_dir / "final.pt", total_steps, alpha=alpha, beta=beta, method=tc.method)
-    runtime.barrier()
-    return out_dir
+        if runtime.is_main and val_shards and (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps):
+            metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch,
+                           "val": validate(student.model, val_shards, student.data, runtime.device, ctx.cfg)})
+        if done % tc.checkpoint_every == 0 or done == steps.stop:
+            weights = [t for t in student.model.state_dict().values() if t.is_floating_point()]
+            if not finite_on_every_rank(weights, runtime):
+                raise diverged(ctx, checkpoints, done, inputs.rows, "the weights are not finite after it")
+            checkpoints.save(student, done)
+
+
+def step_loss(net: torch.nn.Module, inputs: StepInputs, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The forward pass of one step: the loss of train.method and its parts."""
+    with autocast(inputs.images.device, tc.amp):
+        ce, kd = net(inputs.images)
+    n = len(inputs.labels)
+    out_u = (ce[n:], kd[n:]) if inputs.teacher_u is not None else None
+    return training_loss(tc.method, (ce[:n], kd[:n]), inputs.labels, inputs.teacher_l, out_u, inputs.teacher_u,
+                         tc.temperature, tc.weighting)
+
+
+def optimizer_step(student: Student, loss: torch.Tensor, tc: TrainConfig) -> float:
+    """Backward, clip (train.grad_clip), step the optimiser and the schedule; returns the lr the step used."""
+    student.optimizer.zero_grad(set_to_none=True)
+    student.scaler.scale(loss).backward()
+    if tc.grad_clip:
+        student.scaler.unscale_(student.optimizer)
+        torch.nn.utils.clip_grad_norm_(student.model.parameters(), tc.grad_clip)
+    student.scaler.step(student.optimizer)
+    student.scaler.update()
+    lr = student.scheduler.get_last_lr()[0]
+    student.scheduler.step()
+    return lr
+
+
+def finite_on_every_rank(tensors: list[torch.Tensor], runtime: Runtime) -> bool:
+    """Whether every value of `tensors` is finite, here and on the other ranks (one all-reduce under torchrun)."""
+    # The largest magnitude is finite exactly when every value is (amax keeps a NaN); on the CPU it is several
+    # times faster than isfinite.
+    largest = torch.stack([t.detach().abs().amax().float() for t in tensors if t.numel()])
+    finite = largest.isfinite().all().to(torch.int32)
+    if runtime.world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
+
+
+def diverged(ctx: RunContext, checkpoints: Checkpoints, step: int, rows: torch.Tensor, what: str) -> TrainingDiverged:
+    """The error that stops the run at `step`: what went wrong, the shards of the batch's rows, the checkpoint kept."""
+    held = set(rows.tolist())
+    shards = [s.path.name for s in ctx.manifest.shards() if any(r in s.rows for r in held)]
+    return TrainingDiverged(f"step {step}: {what} (a batch from {', '.join(shards)}); training stopped, "
+                            f"{checkpoints.kept()}")
+
+
+def save_final(ctx: RunContext, student: Student, checkpoints: Checkpoints) -> None:
+    """final.pt with alpha and beta: searched on val for DHO, the CE head alone (1, 1) for one-head methods."""
+    cfg, tc = ctx.cfg, ctx.cfg.train
+    alpha, beta = cfg.eval.default_alpha, cfg.eval.default_beta
+    val_shards = ctx.manifest.splits.get("val", [])
+    if ctx.runtime.is_main and val_shards and tc.method == "dho":
+        batches = clean_batches(val_shards, student.data.image_size, cfg.eval.batch_size)
+        out = head_outputs(student.model, batches, student.data, ctx.runtime.device)
+        alpha, beta, _ = search_alpha_beta(out, cfg.eval.alpha_grid, cfg.eval.beta_grid)
+    if tc.method != "dho":
+        alpha, beta = 1.0, 1.0  # one trained head: the CE head
+    checkpoints.save(student, ctx.total_steps, checkpoints.out_dir / "final.pt", alpha=alpha, beta=beta,
+                     method=tc.method)
 
 
 def validate(model: torch.nn.Module, shards: list, data, device: torch.device, cfg: PipelineConfig) -> dict:
@@ -182,7 +352,8 @@ def validate(model: torch.nn.Module, shards: list, data, device: torch.device, c
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object a line; on resume, lines past the checkpoint's step are dropped."""
+    """metrics.jsonl, one JSON object a line; on resume, lines past the checkpoint's step are dropped, and so
+    is a line cut off by a kill or a full disk (with a warning naming it)."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
@@ -191,10 +362,28 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                step = self._step(number, line)
+                if step is not None and step <= resume_step:
+                    kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
 
+    def _step(self, number: int, line: str) -> int | None:
+        """The step of line `number`; None, with a warning on stderr, when the line is not a whole record."""
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            click.echo(f"warning: {self.path}:{number}: dropped a line that is not a whole record (cut off by a "
+                       f"kill or a full disk?): {line[:40]!r}", err=True)
+            return None
+
     def write(self, record: dict) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.path) from e
+            raise
