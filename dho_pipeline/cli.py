@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from dho_pipeline.config import ConfigError, PipelineConfig, load_config
+from dho_pipeline.errors import human_bytes
 
 CONFIG_HELP = "The experiment file (see pipeline.yaml in the repository)."
 SET_HELP = "Override one config key, e.g. --set train.lr=5e-4 (repeatable)."
@@ -33,14 +34,6 @@ def _echo_main(message: str) -> None:
     """Print once under torchrun: from rank 0 only."""
     if os.environ.get("RANK", "0") == "0":
         click.echo(message)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return ""
 
 
 class DhoGroup(click.Group):
@@ -182,7 +175,7 @@ def cache_inspect(store: Path, as_json: bool) -> None:
     click.echo(f"teacher      {s['teacher']}")
     click.echo(f"rows         {s['rows']} " + " ".join(f"{k}={v}" for k, v in s["split_rows"].items()))
     click.echo(f"views        {s['views']} (1 clean + {s['views'] - 1} random)   classes {s['classes']}")
-    click.echo(f"dtype        {s['dtype']}   on disk {_human_bytes(s['bytes_on_disk'])}"
+    click.echo(f"dtype        {s['dtype']}   on disk {human_bytes(s['bytes_on_disk'])}"
                f"   per view {s['bytes_per_view']:.1f} B")
     click.echo(f"done         {s['done_fraction']:.1%}   bad images skipped {s['bad_rows']}")
     for name, problem in s["damaged_shards"].items():
@@ -255,7 +248,7 @@ def cache_list(config: Path | None, root: Path | None) -> None:
             click.echo(f"{s['path']}  unreadable: {s['error']}")
             continue
         click.echo(f"{s['path']}  {s['teacher']}  classes={s['classes']} views={s['views']} rows={s['rows']} "
-                   f"done={s['done_fraction']:.0%} size={_human_bytes(s['bytes_on_disk'])}")
+                   f"done={s['done_fraction']:.0%} size={human_bytes(s['bytes_on_disk'])}")
 
 
 @main.command("train-student")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -20,6 +21,11 @@ class DiskFull(DhoError):
 
 class CheckpointError(DhoError):
     """A file that should be a checkpoint cannot be read as one."""
+
+
+def warn(message: str) -> None:
+    """Tell the user about something dho handled on its own (and what it did), on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def one_line(error: BaseException) -> str:
@@ -57,10 +63,15 @@ def disk_full(path: Path, needed: int | None = None) -> DiskFull:
     path = Path(path)
     folder = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(folder).free
-    need = f"; it needed about {_mib(needed)}" if needed else ""
-    return DiskFull(f"{path}: no space left on device ({_mib(free)} free{need}); free some space and rerun "
-                    "the same command: everything written before is kept")
+    need = f"; it needed about {human_bytes(needed)}" if needed else ""
+    return DiskFull(f"{path}: no space left on device ({human_bytes(free)} free{need}); free some space and rerun "
+                    "(train-student: with --resume): nothing written before is lost")
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from dho_pipeline.errors import DhoError
+from dho_pipeline.errors import DhoError, warn
 from dho_pipeline.runtime import Runtime
 
 
@@ -37,7 +37,7 @@ def store_write_lock(store: Path) -> Iterator[None]:
     fd = _acquire(path, store)
     left_behind = _holder(fd)
     if left_behind:
-        print(f"dho: {store}: taking over the lock left by {left_behind} (no longer running)", file=sys.stderr)
+        warn(f"{store}: taking over the lock left by {left_behind} (no longer running)")
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
                               "command": " ".join(sys.argv)}).encode(), 0)

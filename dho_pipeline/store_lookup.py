@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 from dho_pipeline.config import PipelineConfig
-from dho_pipeline.errors import one_line
+from dho_pipeline.errors import one_line, warn
 from dho_pipeline.shards import Manifest
 from dho_pipeline.store import (
     StoreError,
@@ -76,7 +75,7 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
         try:
             candidates.append(TeacherStore.open(path))
         except (StoreError, FileNotFoundError) as e:
-            print(f"dho: skipping {path}: {one_line(e).removeprefix(f'{path}: ')}", file=sys.stderr)
+            warn(f"skipping {path}: {one_line(e).removeprefix(f'{path}: ')}")
     matching = [s for s in candidates if not _mismatch(s, expected)]
     if len(matching) == 1:
         return matching[0]

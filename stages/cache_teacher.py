@@ -10,7 +10,6 @@ takes every world_size-th pending shard. Each shard file is checked against its 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import PipelineConfig
+from dho_pipeline.errors import warn
 from dho_pipeline.runtime import Runtime, autocast, init_runtime
 from dho_pipeline.shards import Shard, load_manifest
 from dho_pipeline.store import NOT_DONE, TeacherStore, build_fingerprint
@@ -59,7 +59,7 @@ def unmark_damaged(store: TeacherStore) -> None:
     """Verify every shard marked done against its checksums; mark the damaged ones for recomputing."""
     for shard, problem in store.check_shards(progress=True).items():
         if problem not in (None, NOT_DONE):
-            print(f"dho: {store.path}: shard {shard.name}: {problem}; recomputing it", file=sys.stderr)
+            warn(f"{store.path}: shard {shard.name}: {problem}; recomputing it")
             store.unmark(shard)
 
 

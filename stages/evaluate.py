@@ -26,15 +26,14 @@ def extra_shards(name: str, pattern: str) -> list[Shard]:
     return [Shard(name, Path(p), -1, 0, "") for p in paths]
 
 
-def teacher_accuracy(store_path: str | None, out: HeadOutputs) -> float | None:
-    """The cached teacher's top-1 on the same rows (clean view), when the store is at hand."""
+def teacher_accuracy(store_path: str | None, shards: list[Shard], out: HeadOutputs) -> float | None:
+    """The cached teacher's top-1 on the same rows (clean view, checked reads), when the store is at hand."""
     if not store_path or not Path(store_path).exists():
         return None
     store = TeacherStore.open(store_path)
-    rows = out.rows.numpy()
-    lo, hi = rows.min(), rows.max() + 1
-    logits = store.group["logits"][lo:hi, CLEAN_VIEW][rows - lo].astype(np.float32)
-    return accuracy(torch.from_numpy(logits), out.labels)
+    rows = np.concatenate([np.asarray(s.rows) for s in shards])
+    logits = np.concatenate([store.read_shard(s).logits[:, CLEAN_VIEW] for s in shards]).astype(np.float32)
+    return accuracy(torch.from_numpy(logits[np.searchsorted(rows, out.rows.numpy())]), out.labels)
 
 
 def report(out: HeadOutputs, alpha: float, beta: float, default_alpha: float, default_beta: float) -> dict:
@@ -71,7 +70,8 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
             alpha, beta, result["val_combined_searched"] = search_alpha_beta(val, cfg.alpha_grid, cfg.beta_grid)
     test = outputs(manifest.splits["test"])
     result.update(report(test, alpha, beta, default_alpha, cfg.default_beta))
-    result.update(alpha=alpha, beta=beta, teacher=teacher_accuracy(student.checkpoint.get("store"), test))
+    result.update(alpha=alpha, beta=beta,
+                  teacher=teacher_accuracy(student.checkpoint.get("store"), manifest.splits["test"], test))
     result["extra"] = {name: report(outputs(extra_shards(name, pattern)), alpha, beta, cfg.default_alpha,
                                     cfg.default_beta) for name, pattern in (extra or {}).items()}
     return result

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from dho_pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dho_pipeline.config import PipelineConfig, TrainConfig
-from dho_pipeline.errors import DhoError, disk_full, is_disk_full
+from dho_pipeline.errors import DhoError, disk_full, is_disk_full, warn
 from dho_pipeline.evaluation import accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.losses import training_loss
 from dho_pipeline.runtime import Runtime, autocast, init_runtime
@@ -373,8 +372,8 @@ class MetricsLog:
         try:
             return int(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):
-            click.echo(f"warning: {self.path}:{number}: dropped a line that is not a whole record (cut off by a "
-                       f"kill or a full disk?): {line[:40]!r}", err=True)
+            warn(f"{self.path}:{number}: dropped a line that is not a whole record (cut off by a kill or a full "
+                 f"disk?): {line[:40]!r}")
             return None
 
     def write(self, record: dict) -> None:

@@ -1,13 +1,18 @@
-"""Shared fixtures: a small real slice of Fashion-MNIST as shards, and a tiny open_clip teacher file."""
+"""Shared fixtures: a small real slice of Fashion-MNIST as shards, a tiny open_clip teacher file and its
+finished store; helpers to check one-line CLI errors and to fill a disk."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import yaml
+from click.testing import Result
 
 from dho_pipeline.config import load_config
 from dho_pipeline.shards import write_shards
@@ -71,3 +76,45 @@ def trained_teacher_file(fmnist: IdxSource, tmp_path_factory: pytest.TempPathFac
     path = tmp_path_factory.mktemp("trained-teacher") / "tiny-clip-trained.pt"
     return pretrain_tiny_clip(images, labels, fmnist.class_names, TEMPLATES["fashion-mnist"], path, epochs=5,
                               batch_size=64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def cached_store(shards_dir: Path, teacher_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The finished store of the test slice (default settings of write_config), shared: never change it."""
+    from stages import cache_teacher
+
+    config = write_config(tmp_path_factory.mktemp("cached") / "p.yaml", shards_dir, teacher_file)
+    return cache_teacher.run(load_config(config))
+
+
+def one_line_error(result: Result, *names: str) -> str:
+    """The CLI's error, after checking it failed with exit code 1, no traceback, and one `Error:` line (progress
+    bars aside) naming each of `names`."""
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    message = errors[0].removeprefix("Error: ")
+    for name in names:
+        assert name in message, (name, message)
+    return message
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of `size` bytes mounted at `path` (a small disk to fill); skips where mounting is not permitted."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        reason = mounted.stderr.strip()
+        if "permission denied" in reason.lower() or "only root" in reason.lower():
+            pytest.skip(f"mounting a tmpfs is not permitted here ({reason}): run as root to test a full disk")
+        pytest.fail(f"mount -t tmpfs failed: {reason}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def resize_tmpfs(path: Path, size: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)

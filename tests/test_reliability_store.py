@@ -20,7 +20,7 @@ from dho_pipeline.splits import split_source
 from dho_pipeline.store import TeacherStore
 from dho_pipeline.store_lock import lock_path
 from stages import cache_teacher
-from tests.conftest import SHARD_SIZE, write_config
+from tests.conftest import SHARD_SIZE, one_line_error, resize_tmpfs, tmpfs, write_config
 
 pytestmark = pytest.mark.reliability
 
@@ -28,18 +28,11 @@ STUDENT = {"model": "resnet10t", "image_size": 32}
 TRAIN = {"steps": 4, "batch_labelled": 8, "batch_unlabelled": 16, "log_every": 2, "checkpoint_every": 2}
 
 
-@pytest.fixture(scope="module")
-def reference(shards_dir, teacher_file, tmp_path_factory):
-    """A finished store, never damaged: what every repaired store must equal."""
-    config = write_config(tmp_path_factory.mktemp("ref") / "p.yaml", shards_dir, teacher_file)
-    return cache_teacher.run(load_config(config))
-
-
 @pytest.fixture
-def store_copy(reference, shards_dir, teacher_file, tmp_path):
-    """A copy of the reference store and a config (stage one and two) that names it."""
+def store_copy(cached_store, shards_dir, teacher_file, tmp_path):
+    """A copy of the cached_store store and a config (stage one and two) that names it."""
     path = tmp_path / "store.zarr"
-    shutil.copytree(reference, path)
+    shutil.copytree(cached_store, path)
     config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(path)},
                           student=STUDENT, train={**TRAIN, "out_dir": str(tmp_path / "run")})
     return path, config
@@ -62,15 +55,6 @@ def dho(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def one_line_error(result, *expected: str) -> None:
-    """Exit status 1, no traceback, and one `Error:` line (progress bars aside) that names what is expected."""
-    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.output
-    for text in expected:
-        assert text in errors[0], (text, errors[0])
-
-
 DAMAGE = {
     "deleted": lambda f: f.unlink(),
     "truncated": lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]),
@@ -79,7 +63,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_logits_chunk_is_named_and_exactly_its_shard_recomputed(damage, store_copy, reference):
+def test_a_damaged_logits_chunk_is_named_and_exactly_its_shard_recomputed(damage, store_copy, cached_store):
     store, config = store_copy
     shard = TeacherStore.open(store).shards()[5]
     DAMAGE[damage](chunk_file(store, "logits", 5))  # a partial shard: its chunk also holds fill rows
@@ -96,10 +80,19 @@ def test_a_damaged_logits_chunk_is_named_and_exactly_its_shard_recomputed(damage
     rewritten = [f for f, mtime in untouched.items() if f.stat().st_mtime_ns != mtime]
     assert rewritten == [], "only the damaged shard's chunk may be written again"
     assert damaged.exists()
-    assert_same_store(store, reference)
+    assert_same_store(store, cached_store)
 
 
-def test_verify_repair_recomputes_a_lost_mark_and_a_lost_checksum(store_copy, reference):
+def test_evaluate_names_a_damaged_test_shard(store_copy):
+    store, config = store_copy
+    assert dho("train-student", "-c", config).exit_code == 0
+    shard = TeacherStore.open(store).shards()[-1]
+    DAMAGE["overwritten"](chunk_file(store, "logits", shard.first_row // SHARD_SIZE))
+    one_line_error(dho("evaluate", load_config(config).path("run") / "final.pt"), str(store), "array 'logits'",
+                   f"shard {shard.name}")
+
+
+def test_verify_repair_recomputes_a_lost_mark_and_a_lost_checksum(store_copy, cached_store):
     store, config = store_copy
     chunk_file(store, "done", 2).unlink()  # reads as "not done": recomputed like an unfinished shard
     chunk_file(store, "checksums", 7).unlink()
@@ -113,10 +106,22 @@ def test_verify_repair_recomputes_a_lost_mark_and_a_lost_checksum(store_copy, re
     assert usage.exit_code == 2 and "-c" in usage.output
     repaired = dho("cache", "verify", store, "--repair", "-c", config)
     assert repaired.exit_code == 0 and "0 damaged, 0 not computed yet" in repaired.output, repaired.output
-    assert_same_store(store, reference)
+    assert_same_store(store, cached_store)
 
 
-def test_a_store_whose_creation_was_interrupted_is_completed(shards_dir, teacher_file, reference, tmp_path):
+def test_a_full_disk_in_stage_one_is_named_and_a_rerun_after_freeing_space_completes(shards_dir, teacher_file,
+                                                                                    cached_store, tmp_path):
+    used = sum(f.stat().st_blocks * 512 for f in cached_store.rglob("*") if f.is_file())
+    with tmpfs(tmp_path / "disk", used // 2) as disk:
+        store = disk / "store.zarr"
+        config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)})
+        one_line_error(dho("cache-teacher", "-c", config), str(store), "no space left on device")
+        resize_tmpfs(disk, used * 4)
+        assert dho("cache-teacher", "-c", config).exit_code == 0
+        assert_same_store(store, cached_store)
+
+
+def test_a_store_whose_creation_was_interrupted_is_completed(shards_dir, teacher_file, cached_store, tmp_path):
     store = tmp_path / "cache" / "broken.zarr"  # what a kill between metadata and attributes left before
     group = zarr.open_group(str(store), mode="w")
     group.create_array("logits", shape=(10, 2, 3), chunks=(5, 2, 3), dtype="float16")
@@ -125,7 +130,7 @@ def test_a_store_whose_creation_was_interrupted_is_completed(shards_dir, teacher
     listed = dho("cache", "list", "--root", store.parent)
     assert listed.exit_code == 0 and "broken.zarr  unreadable: a zarr group without dho's attributes" in listed.output
     assert cache_teacher.run(load_config(config)) == store
-    assert_same_store(store, reference)
+    assert_same_store(store, cached_store)
 
 
 def test_a_killed_creation_leaves_nothing_and_the_next_run_cleans_up(shards_dir, teacher_file, tmp_path,
@@ -214,7 +219,7 @@ def hold_lock(store):
 
 
 def test_a_second_writer_is_told_who_holds_the_store_and_a_dead_holders_lock_is_taken_over(
-        store_copy, reference):
+        store_copy, cached_store):
     store, config = store_copy
     chunk_file(store, "logits", 3).unlink()
     holder = hold_lock(store)
@@ -228,11 +233,11 @@ def test_a_second_writer_is_told_who_holds_the_store_and_a_dead_holders_lock_is_
     assert lock_path(store).exists(), "kill -9 leaves the lock file behind"
     result = dho("cache-teacher", "-c", config)
     assert result.exit_code == 0 and f"taking over the lock left by pid {holder.pid}" in result.output
-    assert_same_store(store, reference)
+    assert_same_store(store, cached_store)
     assert not lock_path(store).exists()
 
 
-def test_two_writers_started_together_on_a_new_store(shards_dir, teacher_file, reference, tmp_path):
+def test_two_writers_started_together_on_a_new_store(shards_dir, teacher_file, cached_store, tmp_path):
     store = tmp_path / "new.zarr"
     config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)})
     cmd = [sys.executable, "-m", "dho_pipeline.cli", "cache-teacher", "-c", str(config)]
@@ -240,9 +245,9 @@ def test_two_writers_started_together_on_a_new_store(shards_dir, teacher_file, r
     results = [(p.wait(timeout=120), p.stderr.read()) for p in runs]
     codes = sorted(code for code, _ in results)
     if codes == [0, 0]:  # the first finished before the second took the lock: it found nothing to do
-        assert_same_store(store, reference)
+        assert_same_store(store, cached_store)
         return
     assert codes == [0, 1], results
     refused = next(err for code, err in results if code == 1)
     assert "being written by pid" in refused and "Traceback" not in refused
-    assert_same_store(store, reference)
+    assert_same_store(store, cached_store)

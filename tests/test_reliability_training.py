@@ -3,12 +3,10 @@ diverging loss and a file that is not an image, each reported in one line naming
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,7 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.shards import load_manifest
 from dho_pipeline.student_stream import StreamSpec, StudentStream
-from stages import cache_teacher
-from tests.conftest import write_config
+from tests.conftest import one_line_error, resize_tmpfs, tmpfs, write_config
 
 pytestmark = pytest.mark.reliability
 
@@ -39,15 +36,9 @@ def train_config(tmp_path: Path, shards_dir: Path, teacher_file: Path, store: Pa
 
 
 @pytest.fixture(scope="module")
-def store(shards_dir, teacher_file, tmp_path_factory) -> Path:
-    config = write_config(tmp_path_factory.mktemp("reliability") / "p.yaml", shards_dir, teacher_file)
-    return cache_teacher.run(load_config(config))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(store, shards_dir, teacher_file, tmp_path_factory) -> Path:
+def uninterrupted(cached_store, shards_dir, teacher_file, tmp_path_factory) -> Path:
     """The run folder of 8 steps trained in one go: the reference for interrupted runs."""
-    config = train_config(tmp_path_factory.mktemp("uninterrupted"), shards_dir, teacher_file, store)
+    config = train_config(tmp_path_factory.mktemp("uninterrupted"), shards_dir, teacher_file, cached_store)
     result = train(config)
     assert result.exit_code == 0, result.output
     return Path(load_config(config).train.out_dir)
@@ -55,18 +46,6 @@ def uninterrupted(store, shards_dir, teacher_file, tmp_path_factory) -> Path:
 
 def train(config: Path, *args: str) -> Result:
     return CliRunner().invoke(main, ["train-student", "-c", str(config), *args])
-
-
-def one_line_error(result: Result, *names: str) -> str:
-    """The CLI's error message, after checking it failed with exit code 1, in one line naming each of `names`."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.output
-    message = errors[0].removeprefix("Error: ")
-    for name in names:
-        assert name in message, message
-    return message
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -77,23 +56,6 @@ def metrics(run_dir: Path) -> list[dict]:
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = torch.load(a, weights_only=False)["model"], torch.load(b, weights_only=False)["model"]
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: int):
-    """A tmpfs of `size` bytes mounted at `path`; skips the test where this process may not mount one."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode:
-        reason = mounted.stderr.strip()
-        if "permission denied" in reason.lower() or "only root" in reason.lower():
-            pytest.skip(f"mounting a tmpfs is not permitted here ({reason}): run as root to test a full disk")
-        pytest.fail(f"mount -t tmpfs failed: {reason}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.fixture
@@ -138,28 +100,29 @@ def test_predict_names_a_file_that_is_not_an_image(content, says, uninterrupted,
     one_line_error(result, str(bad), says)
 
 
-def test_a_full_disk_keeps_last_pt_and_the_resumed_run_matches(store, shards_dir, teacher_file, uninterrupted,
+def test_a_full_disk_keeps_last_pt_and_the_resumed_run_matches(cached_store, shards_dir, teacher_file, uninterrupted,
                                                                tmp_path):
     checkpoint_bytes = (uninterrupted / "last.pt").stat().st_size
     # Room for the step-4 last.pt, not for the step-8 one beside it (written whole before the swap).
     with tmpfs(tmp_path / "disk", checkpoint_bytes * 3 // 2) as disk:
         run_dir = disk / "run"
-        config = train_config(tmp_path, shards_dir, teacher_file, store, out_dir=str(run_dir))
+        config = train_config(tmp_path, shards_dir, teacher_file, cached_store, out_dir=str(run_dir))
         message = one_line_error(train(config), f"{run_dir / 'last.pt'}: no space left on device")
         needed = float(re.search(r"needed about ([\d.]+) MiB", message)[1]) * 2**20
         assert needed == pytest.approx(checkpoint_bytes, rel=0.05)
         assert sorted(p.name for p in run_dir.iterdir()) == ["last.pt", "metrics.jsonl"]  # no last.pt.tmp left
         assert load_checkpoint(run_dir / "last.pt")["step"] == 4
 
-        subprocess.run(["mount", "-o", f"remount,size={checkpoint_bytes * 4}", str(disk)], check=True)
+        resize_tmpfs(disk, checkpoint_bytes * 4)
         resumed = train(config, "--resume")
         assert resumed.exit_code == 0, resumed.output
         assert metrics(run_dir) == metrics(uninterrupted)
         assert same_weights(run_dir / "final.pt", uninterrupted / "final.pt")
 
 
-def test_resume_drops_a_cut_off_metrics_line_with_a_warning(store, shards_dir, teacher_file, uninterrupted, tmp_path):
-    config = train_config(tmp_path, shards_dir, teacher_file, store)
+def test_resume_drops_a_cut_off_metrics_line_with_a_warning(cached_store, shards_dir, teacher_file, uninterrupted,
+                                                            tmp_path):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
     first = train(config, "--max-steps", "4")
     assert first.exit_code == 0, first.output
     log = tmp_path / "run" / "metrics.jsonl"
@@ -175,27 +138,28 @@ def test_resume_drops_a_cut_off_metrics_line_with_a_warning(store, shards_dir, t
     assert metrics(tmp_path / "run") == metrics(uninterrupted)
 
 
-def batch_shards(shards_dir: Path, store: Path, step: int) -> list[str]:
+def batch_shards(shards_dir: Path, cached_store: Path, step: int) -> list[str]:
     """The shard files that step `step` (1-based) of a train_config run reads its rows from."""
     manifest = load_manifest(shards_dir)
     spec = StreamSpec(student_size=STUDENT["image_size"])
     rows = []
     for split, size in (("labelled", BATCH_LABELLED), ("unlabelled", BATCH_UNLABELLED)):
-        stream = StudentStream(manifest.splits[split], str(store), spec, size, start_batch=step - 1)
+        stream = StudentStream(manifest.splits[split], str(cached_store), spec, size, start_batch=step - 1)
         rows += next(iter(stream))["row"].tolist()
     return [s.path.name for s in manifest.shards() if any(r in s.rows for r in rows)]
 
 
 @pytest.mark.parametrize(("lr", "what"), [(1e9, "the loss is nan"), (1e5, "the weights are not finite")])
-def test_a_diverging_run_stops_at_that_step_and_keeps_the_last_good_checkpoint(lr, what, store, shards_dir,
+def test_a_diverging_run_stops_at_that_step_and_keeps_the_last_good_checkpoint(lr, what, cached_store, shards_dir,
                                                                                teacher_file, tmp_path):
-    config = train_config(tmp_path, shards_dir, teacher_file, store, steps=6, checkpoint_every=1, log_every=1, lr=lr)
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=6, checkpoint_every=1, log_every=1,
+                          lr=lr)
     last = tmp_path / "run" / "last.pt"
     message = one_line_error(train(config), what, f"the last good checkpoint {last}")
     step = int(re.match(r"step (\d+): ", message)[1])
     kept = load_checkpoint(last)
     assert kept["step"] == step - 1 and f"(step {step - 1}) is kept" in message
     assert all(t.isfinite().all() for t in kept["model"].values() if t.is_floating_point())
-    assert f"(a batch from {', '.join(batch_shards(shards_dir, store, step))})" in message
+    assert f"(a batch from {', '.join(batch_shards(shards_dir, cached_store, step))})" in message
     assert not (tmp_path / "run" / "final.pt").exists()
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))

@@ -68,17 +68,11 @@ def test_make_shards_cli(tmp_path):
     assert again.exit_code != 0 and "manifest.json exists" in again.output
 
 
-@pytest.fixture(scope="module")
-def store_path(shards_dir, teacher_file, tmp_path_factory):
-    config = write_config(tmp_path_factory.mktemp("run") / "pipeline.yaml", shards_dir, teacher_file)
-    return cache_teacher.run(load_config(config))
-
-
-def test_cached_logits_equal_teacher_on_replayed_view(store_path, shards_dir, teacher_file, tmp_path):
+def test_cached_logits_equal_teacher_on_replayed_view(cached_store, shards_dir, teacher_file, tmp_path):
     cfg = load_config(write_config(tmp_path / "p.yaml", shards_dir, teacher_file))
     manifest = load_manifest(shards_dir)
     teacher = load_teacher(cfg.teacher, manifest.class_names, torch.device("cpu"))
-    store = TeacherStore.open(store_path)
+    store = TeacherStore.open(cached_store)
     recipe = view_recipe(cfg)
     shard = manifest.splits["unlabelled"][1]
     rows = store.read_shard(shard)
@@ -96,14 +90,14 @@ def test_cached_logits_equal_teacher_on_replayed_view(store_path, shards_dir, te
     assert len({tuple(b) for b in rows.boxes[:, 1:].reshape(-1, 4).tolist()}) > 10, "random views must differ"
 
 
-def test_eval_splits_hold_the_clean_view_only(store_path):
-    store = TeacherStore.open(store_path)
+def test_eval_splits_hold_the_clean_view_only(cached_store):
+    store = TeacherStore.open(cached_store)
     test_rows = store.split_rows()["test"]
     logits = store.group["logits"][test_rows[0]: test_rows[-1] + 1]
     assert not np.isnan(logits[:, 0]).any() and np.isnan(logits[:, 1:]).all()
 
 
-def test_interrupted_run_resumes_to_the_identical_store(store_path, shards_dir, teacher_file, tmp_path):
+def test_interrupted_run_resumes_to_the_identical_store(cached_store, shards_dir, teacher_file, tmp_path):
     config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file,
                           cache={"store": str(tmp_path / "resumed.zarr")})
     cfg = load_config(config)
@@ -111,14 +105,14 @@ def test_interrupted_run_resumes_to_the_identical_store(store_path, shards_dir, 
     partial = TeacherStore.open(tmp_path / "resumed.zarr")
     assert 0 < partial.group["done"][:].sum() < len(np.concatenate(list(partial.split_rows().values())))
     cache_teacher.run(cfg)
-    resumed, whole = TeacherStore.open(tmp_path / "resumed.zarr"), TeacherStore.open(store_path)
+    resumed, whole = TeacherStore.open(tmp_path / "resumed.zarr"), TeacherStore.open(cached_store)
     assert resumed.fingerprint == whole.fingerprint
     for name in ("logits", "boxes", "flips", "labels", "bad", "done"):
         np.testing.assert_array_equal(resumed.group[name][:], whole.group[name][:], err_msg=name)
 
 
-def test_store_with_other_templates_or_checkpoint_is_refused(store_path, shards_dir, teacher_file, tmp_path):
-    store = {"store": str(store_path)}
+def test_store_with_other_templates_or_checkpoint_is_refused(cached_store, shards_dir, teacher_file, tmp_path):
+    store = {"store": str(cached_store)}
     other_templates = write_config(tmp_path / "a.yaml", shards_dir, teacher_file, cache=store,
                                    teacher={"templates": None, "extra_templates": ["a {}."]})
     with pytest.raises(StoreMismatch, match=r"teacher\.templates"):
@@ -131,20 +125,20 @@ def test_store_with_other_templates_or_checkpoint_is_refused(store_path, shards_
     result = CliRunner().invoke(main, ["cache-teacher", "-c", str(other_checkpoint)])
     assert result.exit_code == 1
     assert "teacher.checkpoint_sha256" in result.output and "--overwrite" in result.output
-    assert TeacherStore.open(store_path).group["done"][:].any(), "a refused run must not touch the store"
+    assert TeacherStore.open(cached_store).group["done"][:].any(), "a refused run must not touch the store"
 
 
-def test_same_settings_find_and_reuse_the_store(store_path, shards_dir, teacher_file, tmp_path):
-    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"root": str(store_path.parent)})
-    mtime = (store_path / "logits" / "zarr.json").stat().st_mtime_ns
-    assert cache_teacher.run(load_config(config)) == store_path
-    assert (store_path / "logits" / "zarr.json").stat().st_mtime_ns == mtime
-    listed = CliRunner().invoke(main, ["cache", "list", "--root", str(store_path.parent)])
-    assert store_path.name in listed.output and "done=100%" in listed.output
+def test_same_settings_find_and_reuse_the_store(cached_store, shards_dir, teacher_file, tmp_path):
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"root": str(cached_store.parent)})
+    mtime = (cached_store / "logits" / "zarr.json").stat().st_mtime_ns
+    assert cache_teacher.run(load_config(config)) == cached_store
+    assert (cached_store / "logits" / "zarr.json").stat().st_mtime_ns == mtime
+    listed = CliRunner().invoke(main, ["cache", "list", "--root", str(cached_store.parent)])
+    assert cached_store.name in listed.output and "done=100%" in listed.output
 
 
-def test_inspect_json_reports_a_finished_store(store_path):
-    result = CliRunner().invoke(main, ["cache", "inspect", str(store_path), "--json"])
+def test_inspect_json_reports_a_finished_store(cached_store):
+    result = CliRunner().invoke(main, ["cache", "inspect", str(cached_store), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["done_fraction"] == 1.0

@@ -20,8 +20,8 @@ from dho_pipeline.store_lookup import find_store, view_recipe
 from dho_pipeline.student_stream import StreamSpec, StudentStream, cached_view
 from dho_pipeline.teacher import load_teacher
 from dho_pipeline.views import decode_image, normalize, render_view, view_params
-from stages import cache_teacher, train_student
 from stages import evaluate as evaluate_stage
+from stages import train_student
 from tests.conftest import write_config
 
 STUDENT = {"model": "resnet10t", "image_size": 32}
@@ -33,12 +33,6 @@ def train_config(tmp_path, shards_dir, teacher_file, store, name="run", **train)
     values.update(train)
     return write_config(tmp_path / f"{name}.yaml", shards_dir, teacher_file, student=STUDENT, train=values,
                         cache={"store": str(store)})
-
-
-@pytest.fixture(scope="module")
-def store(shards_dir, teacher_file, tmp_path_factory):
-    config = write_config(tmp_path_factory.mktemp("stage2") / "p.yaml", shards_dir, teacher_file)
-    return cache_teacher.run(load_config(config))
 
 
 def losses(run_dir):
@@ -74,12 +68,12 @@ def test_training_loss_weights_each_method():
     assert training_loss("ce_only", (ce_l, kd_l), y)[0].item() == pytest.approx(ce, rel=1e-6)
 
 
-def test_stream_replays_the_view_the_teacher_saw(store, shards_dir, teacher_file, tmp_path):
-    cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, store))
+def test_stream_replays_the_view_the_teacher_saw(cached_store, shards_dir, teacher_file, tmp_path):
+    cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store))
     manifest = load_manifest(shards_dir)
     teacher = load_teacher(cfg.teacher, manifest.class_names, torch.device("cpu"))
     spec = StreamSpec(student_size=40, seed=3, teacher_size=teacher.image_size)
-    batch = next(iter(StudentStream(manifest.splits["unlabelled"], str(store), spec, batch_size=6)))
+    batch = next(iter(StudentStream(manifest.splits["unlabelled"], str(cached_store), spec, batch_size=6)))
     raw = {}
     for shard in manifest.splits["unlabelled"]:
         raw.update({int(s["id"]): s["png"] for s in iter_shard(shard)})
@@ -95,12 +89,12 @@ def test_stream_replays_the_view_the_teacher_saw(store, shards_dir, teacher_file
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_stream_resumes_at_any_batch(store, shards_dir, workers):
+def test_stream_resumes_at_any_batch(cached_store, shards_dir, workers):
     manifest = load_manifest(shards_dir)
     spec = StreamSpec(student_size=16, seed=1)
 
     def batches(start, count):
-        stream = StudentStream(manifest.splits["unlabelled"], str(store), spec, 16, start_batch=start)
+        stream = StudentStream(manifest.splits["unlabelled"], str(cached_store), spec, 16, start_batch=start)
         loader = iter(DataLoader(stream, batch_size=None, num_workers=workers))
         return [next(loader)["row"].tolist() for _ in range(count)]
 
@@ -111,8 +105,8 @@ def test_stream_resumes_at_any_batch(store, shards_dir, workers):
     assert {r for b in whole for r in b} == set(manifest.split_rows("unlabelled").tolist())
 
 
-def test_short_run_lowers_the_loss_and_beats_chance(store, shards_dir, teacher_file, tmp_path):
-    run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, store, steps=40,
+def test_short_run_lowers_the_loss_and_beats_chance(cached_store, shards_dir, teacher_file, tmp_path):
+    run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=40,
                                                      log_every=5)))
     records = [r for r in losses(run) if "loss" in r]
     assert np.mean([r["loss"] for r in records[-2:]]) < np.mean([r["loss"] for r in records[:2]])
@@ -122,9 +116,9 @@ def test_short_run_lowers_the_loss_and_beats_chance(store, shards_dir, teacher_f
     assert set(result) >= {"ce_head", "kd_head", "combined_default", "combined_searched", "alpha", "beta", "teacher"}
 
 
-def test_stop_and_resume_gives_the_same_metrics(store, shards_dir, teacher_file, tmp_path):
-    whole = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, store, "whole")))
-    config = train_config(tmp_path, shards_dir, teacher_file, store, "resumed")
+def test_stop_and_resume_gives_the_same_metrics(cached_store, shards_dir, teacher_file, tmp_path):
+    whole = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, "whole")))
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store, "resumed")
     runner = CliRunner()
     first = runner.invoke(main, ["train-student", "-c", str(config), "--max-steps", "5"])
     assert first.exit_code == 0, first.output
@@ -151,12 +145,12 @@ def test_alpha_beta_search_returns_the_best_grid_point():
 
 
 @pytest.mark.parametrize("method", ["single_head_kd", "ce_only"])
-def test_baselines_run_from_the_same_store(method, store, shards_dir, teacher_file, tmp_path):
-    run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, store, steps=4,
+def test_baselines_run_from_the_same_store(method, cached_store, shards_dir, teacher_file, tmp_path):
+    run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=4,
                                                      method=method)))
     final = torch.load(run / "final.pt", weights_only=False)
     assert final["method"] == method and (final["alpha"], final["beta"]) == (1.0, 1.0)
-    assert final["store"] == str(store)
+    assert final["store"] == str(cached_store)
     parts = [r for r in losses(run) if "loss" in r][0]
     assert ("kd_u" in parts) == (method == "single_head_kd")
     result = evaluate_stage.run(run / "final.pt")  # the untrained KD head is never mixed in
@@ -164,11 +158,11 @@ def test_baselines_run_from_the_same_store(method, store, shards_dir, teacher_fi
     assert (result["alpha"], result["method"]) == (1.0, method)
 
 
-def test_online_and_cached_modes_give_the_same_first_step(store, shards_dir, teacher_file, tmp_path):
-    cached = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, store, "cached",
+def test_online_and_cached_modes_give_the_same_first_step(cached_store, shards_dir, teacher_file, tmp_path):
+    cached = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, "cached",
                                                         steps=1, log_every=1)))
-    online_cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, store, "online", steps=1, log_every=1),
-                             ["teacher.mode=online"])
+    online_cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, "online", steps=1,
+                                          log_every=1), ["teacher.mode=online"])
     online = train_student.run(online_cfg)
     a, b = losses(cached)[0], losses(online)[0]
     assert a["ce"] == b["ce"]
@@ -176,14 +170,14 @@ def test_online_and_cached_modes_give_the_same_first_step(store, shards_dir, tea
         assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-3), key
 
 
-def test_train_student_refuses_a_store_of_other_views(store, shards_dir, teacher_file, tmp_path):
-    cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, store), ["views.count=5"])
+def test_train_student_refuses_a_store_of_other_views(cached_store, shards_dir, teacher_file, tmp_path):
+    cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store), ["views.count=5"])
     with pytest.raises(ValueError, match=r"views\.count"):
         find_store(cfg, load_manifest(shards_dir))
 
 
-def test_predict_prints_top_k_classes(store, shards_dir, teacher_file, tmp_path, fmnist):
-    run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, store, steps=2)))
+def test_predict_prints_top_k_classes(cached_store, shards_dir, teacher_file, tmp_path, fmnist):
+    run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=2)))
     image = tmp_path / "shoe.png"
     image.write_bytes(fmnist.read(("test", 0))[0])
     result = CliRunner().invoke(main, ["predict", str(run / "final.pt"), str(image), "--top-k", "2", "--json"])
