@@ -10,12 +10,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dho_pipeline.errors import DhoError
+
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
 ]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class SourceError(DhoError, ValueError):
+    """A source that cannot give what was asked: a class folder without images, a class too small for the split."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,18 @@ class IdxSource:
         return buf.getvalue(), "png"
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files of one class folder, sorted by name (none when there is no such folder)."""
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    return [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+
+
 class ImageFolderSource:
-    """A tree with one folder per class; with `train/` and `test/` subfolders when it has them."""
+    """A tree with one folder per class; with `train/` and `test/` subfolders when it has them.
+
+    Every class folder must hold at least one image: an empty one (or one of other files only) is refused,
+    naming the folder, before anything is written.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -81,17 +97,20 @@ class ImageFolderSource:
             self.parts = {"train": self.root}
         self.class_names = sorted(d.name for d in self.parts["train"].iterdir() if d.is_dir())
         if not self.class_names:
-            raise ValueError(f"{self.parts['train']}: no class folders found")
+            raise SourceError(f"{self.parts['train']}: no class folders found")
+        self.files: dict[str, list[list[Path]]] = {}  # part -> class index -> its image files
+        empty: list[str] = []
+        for part, folder in self.parts.items():
+            self.files[part] = [image_files(folder / name) for name in self.class_names]
+            empty += [str(folder / name) for name, files in zip(self.class_names, self.files[part], strict=True)
+                      if not files and (folder / name).is_dir()]
+        if empty:
+            raise SourceError(f"class folder{'s' if len(empty) > 1 else ''} without images "
+                              f"({' '.join(sorted(IMAGE_SUFFIXES))}): {', '.join(empty)}; "
+                              "add images or remove the folder")
 
     def items(self, part: str) -> list[Item]:
-        if part not in self.parts:
-            return []
-        found = []
-        for label, name in enumerate(self.class_names):
-            folder = self.parts[part] / name
-            files = sorted(folder.iterdir()) if folder.is_dir() else []
-            found += [Item(f, label) for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-        return found
+        return [Item(f, label) for label, files in enumerate(self.files.get(part, [])) for f in files]
 
     def read(self, ref: Path) -> tuple[bytes, str]:
         ext = ref.suffix.lower().lstrip(".")

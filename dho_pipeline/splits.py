@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from dho_pipeline.shards import SPLITS
-from dho_pipeline.sources import IdxSource, ImageFolderSource, Item
+from dho_pipeline.sources import IdxSource, ImageFolderSource, Item, SourceError
 
 
 def _cap_per_class(items: list[Item], num_classes: int, cap: int | None, rng: np.random.Generator) -> list[Item]:
@@ -34,11 +36,13 @@ def assign_splits(
     test_per_class: int | None = None,
     max_train_per_class: int | None = None,
     seed: int = 1,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, list[Item]]:
     """Split the training items per class into val, labelled (K shots or P percent) and unlabelled.
 
     Seeded and class-balanced. Without test items, `test_per_class` items per class are carved from the
-    training pool first. Items in each split come in a seeded random order.
+    training pool first. Items in each split come in a seeded random order. A class with fewer images than
+    the labelled split needs is refused by its name in `class_names` (by its index without them).
     """
     if (shots is None) == (percent is None):
         raise ValueError("give exactly one of shots or percent")
@@ -60,12 +64,16 @@ def assign_splits(
         pool = order[val_per_class:]
         n_labelled = shots if shots is not None else max(1, round(len(pool) * percent / 100))
         if n_labelled > len(pool):
-            raise ValueError(f"class {label}: {n_labelled} labelled images asked for, only {len(pool)} available")
+            name = repr(class_names[label]) if class_names is not None else str(label)
+            whole = f" of its {len(items)} training images" if len(items) != len(pool) else ""
+            raise SourceError(f"class {name}: {n_labelled} labelled images asked for, only {len(pool)} available"
+                              f"{whole}")
         splits["labelled"] += pool[:n_labelled]
         splits["unlabelled"] += pool[n_labelled:]
     return {name: [items[i] for i in rng.permutation(len(items))] for name, items in splits.items()}
 
 
 def split_source(source: IdxSource | ImageFolderSource, **kwargs) -> dict[str, list[Item]]:
-    """assign_splits on a source's train and test parts."""
-    return assign_splits(source.items("train"), source.items("test"), len(source.class_names), **kwargs)
+    """assign_splits on a source's train and test parts; errors name classes by their names."""
+    return assign_splits(source.items("train"), source.items("test"), len(source.class_names),
+                         class_names=source.class_names, **kwargs)

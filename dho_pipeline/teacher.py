@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dho_pipeline.config import TeacherConfig
+from dho_pipeline.errors import CheckpointError
 from dho_pipeline.shards import sha256_file
 from dho_pipeline.templates import resolve_templates
 
@@ -78,17 +81,16 @@ def resolve_pretrained(pretrained: str | None, base: Path) -> tuple[str | None, 
 
 
 def load_teacher(cfg: TeacherConfig, class_names: list[str], device: torch.device, base: Path = Path(".")) -> Teacher:
-    """Build the teacher from (model, pretrained) and its zero-shot head from the class names and templates."""
+    """Build the teacher from (model, pretrained) and its zero-shot head from the class names and templates.
+
+    A `pretrained` file that open_clip cannot load as this model raises CheckpointError naming both.
+    """
     register_model_configs(base / cfg.model_config_dir if cfg.model_config_dir else None)
     if open_clip.get_model_config(cfg.model) is None and not cfg.model.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"teacher.model: unknown open_clip model {cfg.model!r}; "
                          "add its JSON config folder as teacher.model_config_dir")
     pretrained, checkpoint_sha = resolve_pretrained(cfg.pretrained, base)
-    with _quiet_open_clip():
-        model = open_clip.create_model(
-            cfg.model, pretrained=pretrained, device=device, force_quick_gelu=cfg.quick_gelu,
-            force_image_size=cfg.image_size,
-        )
+    model = _create_model(cfg, pretrained, is_file=checkpoint_sha is not None, device=device)
     model.eval()
     preprocess = open_clip.get_model_preprocess_cfg(model)
     size = preprocess["size"]
@@ -114,6 +116,56 @@ def load_teacher(cfg: TeacherConfig, class_names: list[str], device: torch.devic
         "logit_scale": LOGIT_SCALE,
     }
     return Teacher(model, tokenizer, classifier, size, mean, std, fingerprint)
+
+
+def _create_model(cfg: TeacherConfig, pretrained: str | None, is_file: bool, device: torch.device) -> torch.nn.Module:
+    """open_clip.create_model; a local checkpoint file it cannot load is refused naming the file and the model."""
+    try:
+        with _quiet_open_clip():
+            return open_clip.create_model(
+                cfg.model, pretrained=pretrained, device=device, force_quick_gelu=cfg.quick_gelu,
+                force_image_size=cfg.image_size,
+            )
+    except MemoryError:
+        raise
+    except Exception as e:
+        if not is_file or not _raised_in(e, open_clip.factory.load_checkpoint):
+            raise
+        raise CheckpointError(f"teacher.pretrained: {pretrained} is not a checkpoint of open_clip model "
+                              f"{cfg.model!r} ({_why_not_loaded(e, Path(pretrained))})") from e
+
+
+def _raised_in(error: BaseException, function: Callable) -> bool:
+    """Whether `function` is on the traceback of `error`."""
+    return any(frame.f_code is function.__code__ for frame, _ in traceback.walk_tb(error.__traceback__))
+
+
+def _why_not_loaded(error: Exception, path: Path) -> str:
+    """A short reason why open_clip could not load `path`: unreadable, or weights that do not fit the model."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if path.suffix != ".safetensors" and not head.startswith((b"PK", b"\x80")):
+        return "not a file torch.save writes: neither a zip archive nor a pickle"
+    if _raised_in(error, open_clip.factory.load_state_dict):
+        return f"cannot be read as a state dict: {_first_sentence(error)}"
+    clauses = str(error).split("\n\t")  # torch's load_state_dict error: one clause per kind of mismatch
+    found = []
+    for clause, what in (("Missing key(s)", "of its weights missing"), ("Unexpected key(s)", "not in it")):
+        names = [name for c in clauses if c.startswith(clause) for name in c.split('"')[1::2]]
+        if names:
+            found.append(f"{len(names)} {what}, e.g. {names[0]!r}")
+    shapes = [c.removeprefix("size mismatch for ").split(":")[0] for c in clauses if c.startswith("size mismatch")]
+    if shapes:
+        found.append(f"{len(shapes)} of another shape, e.g. {shapes[0]!r}")
+    return "weights do not fit the model: " + "; ".join(found) if found else _first_sentence(error)
+
+
+def _first_sentence(error: Exception, limit: int = 120) -> str:
+    text = " ".join(str(error).split()).split(". ")[0]
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class _quiet_open_clip:

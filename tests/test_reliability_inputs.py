@@ -1,0 +1,73 @@
+"""Bad input is refused in one line naming the culprit, before anything is written: image folders, teacher files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from dho_pipeline.cli import main
+from tests.conftest import one_line_error, write_config
+
+pytestmark = pytest.mark.reliability
+
+
+def image_folder(root: Path, counts: dict[str, int]) -> Path:
+    """An ImageFolder source under root/train with `counts[name]` small PNGs in each class folder."""
+    for name, count in counts.items():
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (8, 8), color=i * 40).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("leftover", [None, "notes.txt"], ids=["empty", "no-image-files"])
+def test_a_class_folder_without_images_is_named_and_nothing_is_written(tmp_path, leftover):
+    source = image_folder(tmp_path / "src", {"bag": 3, "coat": 0, "shirt": 3})
+    if leftover:
+        (source / "train" / "coat" / leftover).write_text("not an image")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["make-shards", str(source), str(out), "--shots", "1"])
+    one_line_error(result, str(source / "train" / "coat"))
+    assert not out.exists(), "nothing may be written: no manifest, no shards"
+
+
+def test_more_shots_than_a_class_has_names_the_class_not_its_index(tmp_path):
+    source = image_folder(tmp_path / "src", {"bag": 1, "coat": 3})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["make-shards", str(source), str(out), "--shots", "2"])
+    one_line_error(result, "class 'bag'", "2 labelled images asked for, only 1 available")
+    assert "class 0" not in result.output
+    assert not out.exists(), "nothing may be written: no manifest, no shards"
+
+
+def not_a_checkpoint(kind: str, folder: Path, teacher_file: Path) -> Path:
+    """A file where a checkpoint of dho-tiny-clip should be: text, unrelated tensors, or a cut-off real one."""
+    path = folder / f"{kind}.pt"
+    if kind == "text":
+        path.write_text("model weights go here\n")
+    elif kind == "unrelated-tensors":
+        torch.save({"encoder.weight": torch.zeros(4, 4), "encoder.bias": torch.zeros(4)}, path)
+    else:
+        data = teacher_file.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("text", "neither a zip archive nor a pickle"),
+    ("unrelated-tensors", "weights do not fit the model"),
+    ("truncated", "cannot be read as a state dict"),
+], ids=["text", "unrelated-tensors", "truncated"])
+def test_a_teacher_file_that_is_not_a_checkpoint_of_the_model_is_named_in_one_line(
+        kind, reason, tmp_path, shards_dir, teacher_file):
+    bad = not_a_checkpoint(kind, tmp_path, teacher_file)
+    config = write_config(tmp_path / "pipeline.yaml", shards_dir, bad)
+    result = CliRunner().invoke(main, ["cache-teacher", "-c", str(config)])
+    one_line_error(result, f"teacher.pretrained: {bad} is not a checkpoint of open_clip model 'dho-tiny-clip'",
+                          reason)
+    assert not (tmp_path / "cache").exists(), "no store may be created for a teacher that cannot load"
