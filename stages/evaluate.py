@@ -52,6 +52,7 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
     student = load_student(checkpoint, dev)
     cfg = EvalConfig(**student.checkpoint["config"]["eval"])
     manifest = load_manifest(student.checkpoint["shards"])
+    manifest.check_files(manifest.shards(("val", "test")))
 
     def outputs(shards: list[Shard]) -> HeadOutputs:
         return head_outputs(student.model, clean_batches(shards, student.data.image_size, cfg.batch_size),

@@ -102,9 +102,10 @@ def run(cfg: PipelineConfig, resume: bool = False, max_steps: int | None = None)
 
 
 def setup_data(cfg: PipelineConfig) -> RunContext:
-    """Join torchrun's processes, read the shard manifest, find the teacher store and count the steps."""
+    """Join torchrun's processes, read the shard manifest (its shards all there), find the store, count the steps."""
     runtime = init_runtime(cfg.train.device)
     manifest = load_manifest(cfg.path(cfg.data.shards))
+    manifest.check_files(manifest.shards())
     fresh = cfg.teacher.mode == "online" and cfg.teacher.online_views == "fresh"
     store = None if fresh else find_store(cfg, manifest)
     steps_per_epoch, total_steps = step_budget(cfg.train, manifest, runtime.world_size)

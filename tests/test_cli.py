@@ -37,3 +37,13 @@ def test_demo_without_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "apt-get install dataset-fashion-mnist" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback_the_one_line_error_hides(tmp_path, monkeypatch):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"data:\n  shards: {tmp_path / 'nowhere'}\n")
+    quiet = CliRunner().invoke(main, ["train-student", "-c", str(config)])
+    assert quiet.exit_code == 1 and isinstance(quiet.exception, SystemExit)
+    for args, env in ((["--debug"], {}), ([], {"DHO_DEBUG": "1"})):
+        loud = CliRunner().invoke(main, [*args, "train-student", "-c", str(config)], env=env)
+        assert isinstance(loud.exception, FileNotFoundError) and "nowhere/manifest.json" in str(loud.exception)

@@ -203,10 +203,25 @@ def test_a_shard_changed_after_make_shards_is_refused_by_both_stages(own_shards,
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
 def test_a_missing_or_truncated_shard_is_named_in_one_line(damage, own_shards, teacher_file, tmp_path):
     shards, _ = own_shards
-    config = write_config(tmp_path / "p.yaml", shards, teacher_file)
+    config = write_config(tmp_path / "p.yaml", shards, teacher_file, student=STUDENT,
+                          train={**TRAIN, "out_dir": str(tmp_path / "run")})
+    assert dho("cache-teacher", "-c", config).exit_code == 0
     target = load_manifest(shards).splits["unlabelled"][0].path
     DAMAGE[damage](target)
-    one_line_error(dho("cache-teacher", "-c", config), str(target), "missing" if damage == "deleted" else "bytes")
+    says = "missing" if damage == "deleted" else "bytes"
+    one_line_error(dho("cache-teacher", "-c", config, "--set", f"cache.store={tmp_path / 'new.zarr'}"),
+                   str(target), says)
+    one_line_error(dho("train-student", "-c", config), str(target), says)
+
+
+def test_a_shard_damaged_during_training_is_named_from_a_loader_worker(own_shards, teacher_file, tmp_path):
+    shards, _ = own_shards
+    config = write_config(tmp_path / "p.yaml", shards, teacher_file, student=STUDENT, data={"num_workers": 1},
+                          train={**TRAIN, "out_dir": str(tmp_path / "run")})
+    assert dho("cache-teacher", "-c", config).exit_code == 0
+    target = load_manifest(shards).splits["unlabelled"][0].path
+    target.write_bytes(target.read_bytes()[::-1])  # same size: only the worker's sha256 check can tell
+    one_line_error(dho("train-student", "-c", config), str(target), "sha256")
 
 
 def hold_lock(store):
