@@ -11,7 +11,7 @@ import torch
 from dho_pipeline.config import EvalConfig
 from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.runtime import pick_device
-from dho_pipeline.shards import Shard, load_manifest
+from dho_pipeline.shards import Shard, ShardDataError, load_manifest
 from dho_pipeline.store import TeacherStore
 from dho_pipeline.student_checkpoint import load_student
 from dho_pipeline.student_stream import clean_batches
@@ -52,6 +52,9 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
     student = load_student(checkpoint, dev)
     cfg = EvalConfig(**student.checkpoint["config"]["eval"])
     manifest = load_manifest(student.checkpoint["shards"])
+    if not manifest.splits.get("test"):
+        raise ShardDataError(f"{manifest.root}: no test split to evaluate on (make-shards --test-per-class N, or a "
+                             "test/ folder in the source)")
     manifest.check_files(manifest.shards(("val", "test")))
 
     def outputs(shards: list[Shard]) -> HeadOutputs:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from dho_pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dho_pipeline.config import PipelineConfig, TrainConfig
-from dho_pipeline.errors import DhoError, disk_full, is_disk_full, warn
+from dho_pipeline.errors import CheckpointError, DhoError, disk_full, is_disk_full, warn
 from dho_pipeline.evaluation import accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.losses import training_loss
 from dho_pipeline.runtime import Runtime, autocast, init_runtime
@@ -162,6 +162,10 @@ class Checkpoints:
         if not self.last.exists():
             return 0
         state = load_checkpoint(self.last)
+        ranks, world_size = len(state["rng"]), self.ctx.runtime.world_size
+        if ranks != world_size:  # the loaders split the data by rank: another world size reads another order
+            raise CheckpointError(f"{self.last}: written by {ranks} process(es), resumed with {world_size}; resume "
+                                  f"with the same number (torchrun --nproc_per_node {ranks}) to continue exactly")
         student.model.load_state_dict(state["model"])
         student.optimizer.load_state_dict(state["optimizer"])
         student.scheduler.load_state_dict(state["scheduler"])

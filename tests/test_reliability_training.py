@@ -163,3 +163,26 @@ def test_a_diverging_run_stops_at_that_step_and_keeps_the_last_good_checkpoint(l
     assert f"(a batch from {', '.join(batch_shards(shards_dir, cached_store, step))})" in message
     assert not (tmp_path / "run" / "final.pt").exists()
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
+
+
+def test_resume_with_another_number_of_processes_is_refused(cached_store, shards_dir, teacher_file, tmp_path):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    assert train(config, "--max-steps", "4").exit_code == 0
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    state["rng"] = state["rng"] * 2  # as written by two torchrun ranks
+    torch.save(state, last)
+    one_line_error(train(config, "--resume"), str(last), "written by 2 process(es), resumed with 1")
+    assert load_checkpoint(last)["step"] == 4
+
+
+def test_evaluate_without_a_test_split_says_so(uninterrupted, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(load_checkpoint(uninterrupted / "final.pt")["shards"], shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["splits"]["test"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    final = torch.load(uninterrupted / "final.pt", weights_only=False)
+    final["shards"] = str(shards)
+    torch.save(final, tmp_path / "final.pt")
+    one_line_error(CliRunner().invoke(main, ["evaluate", str(tmp_path / "final.pt")]), str(shards), "no test split")
