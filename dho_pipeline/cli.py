@@ -124,8 +124,9 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
     """
     from stages import cache_teacher as stage
 
-    path = stage.run(_config(config, overrides), overwrite=overwrite, max_shards=max_shards)
-    _echo_main(f"store: {path}")
+    report = stage.run(_config(config, overrides), overwrite=overwrite, max_shards=max_shards)
+    _echo_main(report.summary())
+    _echo_main(f"store: {report.path}")
 
 
 @main.command("fit-adapter")

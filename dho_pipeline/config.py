@@ -55,6 +55,7 @@ class TeacherConfig:
     kind: Literal["zero-shot", "tip-adapter", "tip-adapter-f"] = "zero-shot"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     batch_size: int = 256
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # weights and activations; auto: bf16 on CUDA, fp32 on CPU
     mode: Literal["cached", "online"] = "cached"  # online runs the teacher every step (for comparison)
     online_views: Literal["cached", "fresh"] = "cached"
 

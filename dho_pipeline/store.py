@@ -134,10 +134,12 @@ class TeacherStore:
 
     @classmethod
     def create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
-               with_zero_shot: bool = False) -> TeacherStore:
+               with_zero_shot: bool = False, request: str | None = None) -> TeacherStore:
         """Build the store beside `path` and rename it into place: a kill leaves nothing or a whole store.
 
-        Call with the store's write lock held (store_lock.py); `path` must not exist.
+        `request` is the hash of the config that asked for it (store_lookup.stage_one_request), so a rerun
+        of that config can find the finished store without building the teacher. Call with the store's
+        write lock held (store_lock.py); `path` must not exist.
         """
         path = Path(path)
         for leftover in path.parent.glob(f"{path.name}.creating-*"):  # from writers killed while creating
@@ -167,6 +169,7 @@ class TeacherStore:
             "class_names": manifest.class_names,
             "splits": {split: [[s.first_row, s.count] for s in shards] for split, shards in manifest.splits.items()},
             "checked": checked,
+            "request": request,
         })
         os.rename(building, path)
         return cls.open(path, mode="a")
@@ -195,7 +198,8 @@ class TeacherStore:
 
     @classmethod
     def open_or_create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
-                       overwrite: bool = False, with_zero_shot: bool = False) -> TeacherStore:
+                       overwrite: bool = False, with_zero_shot: bool = False,
+                       request: str | None = None) -> TeacherStore:
         """Reuse a store made from the same fingerprint, refuse another one unless `overwrite`.
 
         An interrupted creation (metadata without attributes or data) is replaced; with `overwrite`,
@@ -215,7 +219,7 @@ class TeacherStore:
                 if not overwrite:
                     store.check_fingerprint(fingerprint)
             _remove(path)
-        return cls.create(path, fingerprint, manifest, num_views, with_zero_shot)
+        return cls.create(path, fingerprint, manifest, num_views, with_zero_shot, request)
 
     def check_fingerprint(self, expected: dict) -> None:
         """Raise StoreMismatch naming every field where this store differs from `expected`."""

@@ -1,13 +1,17 @@
-"""Find the teacher store of an experiment: by its fingerprint in stage one, by what stage two can check."""
+"""Find the teacher store of an experiment: by its fingerprint in stage one, by what stage two can check,
+and a finished one by the config that asked for it (before stage one builds the teacher)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+import open_clip
+import torch
+
 from dho_pipeline.config import PipelineConfig
 from dho_pipeline.errors import one_line, warn
-from dho_pipeline.shards import Manifest
+from dho_pipeline.shards import Manifest, sha256_file
 from dho_pipeline.store import (
     StoreError,
     StoreMismatch,
@@ -16,7 +20,8 @@ from dho_pipeline.store import (
     default_store_path,
     fingerprint_diff,
 )
-from dho_pipeline.teacher import resolve_pretrained
+from dho_pipeline.store_lock import store_write_lock
+from dho_pipeline.teacher import register_model_configs, resolve_pretrained, teacher_dtype
 from dho_pipeline.templates import resolve_templates
 from dho_pipeline.views import ViewRecipe
 
@@ -49,6 +54,56 @@ def expected_without_weights(cfg: PipelineConfig, manifest: Manifest) -> dict:
     if sha:
         teacher["checkpoint_sha256"] = sha
     return build_fingerprint(teacher, dataclasses.asdict(view_recipe(cfg)), manifest)
+
+
+def stage_one_request(cfg: PipelineConfig, manifest: Manifest, device: torch.device) -> dict:
+    """Everything stage one's output depends on, from the config and the files alone: no model is built.
+
+    Stricter than the fingerprint (the same setting spelled another way is another request); it only lets
+    a rerun of the same config find its finished store without loading the teacher.
+    """
+    tc = cfg.teacher
+    register_model_configs(cfg.path(tc.model_config_dir) if tc.model_config_dir else None)
+    pretrained, sha = resolve_pretrained(tc.pretrained, cfg.base_dir)
+    adapter = dataclasses.asdict(tc.adapter)
+    if tc.adapter.file and cfg.path(tc.adapter.file).is_file():
+        adapter["file"] = sha256_file(cfg.path(tc.adapter.file))
+    teacher = {
+        "model": tc.model,
+        "model_config": open_clip.get_model_config(tc.model),
+        "pretrained": Path(pretrained).name if sha else pretrained,
+        "checkpoint_sha256": sha,
+        "image_size": tc.image_size,
+        "image_mean": tc.image_mean,
+        "image_std": tc.image_std,
+        "quick_gelu": tc.quick_gelu,
+        "templates": resolve_templates(tc.templates, tc.extra_templates),
+        "kind": tc.kind,
+        "adapter": adapter if tc.kind != "zero-shot" else None,
+        "dtype": teacher_dtype(tc.dtype, device),
+        "on_bad_image": cfg.data.on_bad_image,
+    }
+    return build_fingerprint(teacher, dataclasses.asdict(view_recipe(cfg)), manifest)
+
+
+def finished_store(cfg: PipelineConfig, request: str) -> Path | None:
+    """The store made for `request` (a stage_one_request hash) when every shard is computed and verifies.
+
+    None when there is none, or it is unfinished or damaged: stage one then builds the teacher and
+    completes or repairs it. The check holds the store's write lock, so it never races a writer.
+    """
+    paths = [cfg.path(cfg.cache.store)] if cfg.cache.store else sorted(cfg.path(cfg.cache.root).glob("*.zarr"))
+    for path in paths:
+        try:
+            store = TeacherStore.open(path)
+        except (StoreError, FileNotFoundError):
+            continue
+        if store.attrs.get("request") != request or not all(store.shard_done(s) for s in store.shards()):
+            continue
+        with store_write_lock(path):
+            if all(problem is None for problem in store.check_shards(progress=True).values()):
+                return path
+    return None
 
 
 def _mismatch(store: TeacherStore, expected: dict) -> list[str]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import traceback
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +16,7 @@ from typing import TYPE_CHECKING
 import open_clip
 import torch
 import torch.nn.functional as F
+import torch.utils.serialization
 
 from dho_pipeline.config import TeacherConfig
 from dho_pipeline.errors import CheckpointError
@@ -35,23 +40,36 @@ def register_model_configs(extra_dir: Path | None = None) -> None:
             open_clip.add_model_config(Path(folder))
 
 
+TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def teacher_dtype(name: str, device: torch.device) -> str:
+    """teacher.dtype resolved: 'auto' is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
 @dataclass
 class Teacher:
-    """A CLIP image tower with its class weights: logits = 100 * normalise(f(x)) @ W."""
+    """A CLIP image tower with its class weights: logits = 100 * normalise(f(x)) @ W.
 
-    model: torch.nn.Module
-    tokenizer: object
+    The tower runs in `dtype`; features, the class weights, the Tip-Adapter and the logits are fp32.
+    """
+
+    model: torch.nn.Module  # the image tower alone: the text tower is freed once the head is built
     classifier: torch.Tensor  # (D, C), columns L2-normalised
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fingerprint: dict
+    dtype: torch.dtype = torch.float32
     adapter: TipAdapter | None = None  # a fitted few-shot cache model: logits = adapter.logits(features, W)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features of normalised float images (N, 3, S, S)."""
-        return F.normalize(self.model.encode_image(images).float(), dim=-1)
+        """L2-normalised fp32 image features of normalised float images (N, 3, S, S)."""
+        return F.normalize(self.model(images.to(self.dtype)).float(), dim=-1)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -74,15 +92,41 @@ def resolve_pretrained(pretrained: str | None, base: Path) -> tuple[str | None, 
     path = Path(pretrained).expanduser()
     path = path if path.is_absolute() else base / path
     if path.is_file():
-        return str(path), sha256_file(path)
+        return str(path), checkpoint_sha256(path)
     if any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith((".pt", ".bin", ".safetensors")):
         raise FileNotFoundError(f"teacher.pretrained: checkpoint file {path} not found")
     return pretrained, None
 
 
+def checkpoint_sha256(path: Path) -> str:
+    """sha256 of a checkpoint file, remembered in `<file>.sha256.json` while its size and mtime stay the same.
+
+    Hashing a multi-GB checkpoint costs seconds on every start; where the folder is read-only it is
+    hashed each time.
+    """
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = path.with_name(path.name + ".sha256.json")
+    try:
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in key} == key and isinstance(known.get("sha256"), str):
+            return known["sha256"]
+    except (OSError, ValueError):
+        pass
+    sha = sha256_file(path)
+    try:
+        partial = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps({**key, "sha256": sha}) + "\n")
+        os.replace(partial, memo)
+    except OSError:
+        pass
+    return sha
+
+
 def load_teacher(cfg: TeacherConfig, class_names: list[str], device: torch.device, base: Path = Path(".")) -> Teacher:
     """Build the teacher from (model, pretrained) and its zero-shot head from the class names and templates.
 
+    The head is built in fp32; then the text tower is freed and the image tower cast to teacher.dtype.
     A `pretrained` file that open_clip cannot load as this model raises CheckpointError naming both.
     """
     register_model_configs(base / cfg.model_config_dir if cfg.model_config_dir else None)
@@ -97,12 +141,13 @@ def load_teacher(cfg: TeacherConfig, class_names: list[str], device: torch.devic
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     mean = tuple(cfg.image_mean or preprocess["mean"])
     std = tuple(cfg.image_std or preprocess["std"])
-    tokenizer = open_clip.get_tokenizer(cfg.model)
     templates = resolve_templates(cfg.templates, cfg.extra_templates)
     with torch.no_grad():
         classifier = open_clip.build_zero_shot_classifier(
-            model, tokenizer, class_names, templates, num_classes_per_batch=10, device=device
+            model, open_clip.get_tokenizer(cfg.model), class_names, templates, num_classes_per_batch=10,
+            device=device,
         ).float()
+    dtype = teacher_dtype(cfg.dtype, device)
     fingerprint = {
         "model": cfg.model,
         "pretrained": Path(pretrained).name if checkpoint_sha else pretrained,
@@ -114,14 +159,20 @@ def load_teacher(cfg: TeacherConfig, class_names: list[str], device: torch.devic
         "templates": templates,
         "head": "zero-shot",
         "logit_scale": LOGIT_SCALE,
+        "dtype": dtype,
     }
-    return Teacher(model, tokenizer, classifier, size, mean, std, fingerprint)
+    image_tower = model.visual.to(TEACHER_DTYPES[dtype])
+    return Teacher(image_tower, classifier, size, mean, std, fingerprint, TEACHER_DTYPES[dtype])
 
 
 def _create_model(cfg: TeacherConfig, pretrained: str | None, is_file: bool, device: torch.device) -> torch.nn.Module:
-    """open_clip.create_model; a local checkpoint file it cannot load is refused naming the file and the model."""
+    """open_clip.create_model, allocated on `device`; weights that will be loaded are not initialised first.
+
+    A local checkpoint file open_clip cannot load is refused naming the file and the model.
+    """
     try:
-        with _quiet_open_clip():
+        with (_quiet_open_clip(), torch.device(device), _skip_init(pretrained is not None),
+              _mmap_load(is_file and _is_torch_zip(Path(pretrained)))):
             return open_clip.create_model(
                 cfg.model, pretrained=pretrained, device=device, force_quick_gelu=cfg.quick_gelu,
                 force_image_size=cfg.image_size,
@@ -133,6 +184,46 @@ def _create_model(cfg: TeacherConfig, pretrained: str | None, is_file: bool, dev
             raise
         raise CheckpointError(f"teacher.pretrained: {pretrained} is not a checkpoint of open_clip model "
                               f"{cfg.model!r} ({_why_not_loaded(e, Path(pretrained))})") from e
+
+
+def _is_torch_zip(path: Path) -> bool:
+    """A checkpoint in torch.save's zip format (which torch.load can memory-map), not a TorchScript archive."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return not any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+@contextlib.contextmanager
+def _mmap_load(active: bool) -> Iterator[None]:
+    """Let torch.load inside open_clip memory-map the checkpoint: weights are read once, straight into the model."""
+    config = torch.utils.serialization.config.load
+    saved, config.mmap = config.mmap, active or config.mmap
+    try:
+        yield
+    finally:
+        config.mmap = saved
+
+
+@contextlib.contextmanager
+def _skip_init(active: bool) -> Iterator[None]:
+    """Make torch.nn.init's in-place initialisers no-ops while a model whose weights are loaded next is built.
+
+    Random initialisation of a ViT-L-14 takes longer than loading its checkpoint; open_clip loads the full
+    checkpoint with strict=True, so no parameter is left uninitialised.
+    """
+    if not active:
+        yield
+        return
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def _raised_in(error: BaseException, function: Callable) -> bool:

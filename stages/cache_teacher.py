@@ -2,47 +2,86 @@
 
 Work is done shard by shard (a shard is one chunk of the store); a shard is written whole, checksummed and
 then marked done, so a killed run resumes where it stopped and the result equals an uninterrupted run.
-A rerun first verifies the finished shards and recomputes any whose chunks were lost or damaged. One
-process writes a store at a time (a lock beside it); under torchrun, rank 0 holds the lock and rank r
-takes every world_size-th pending shard. Each shard file is checked against its sha256 before use.
+A rerun of a finished store verifies it and exits without building the teacher; otherwise the finished
+shards are verified first and any whose chunks were lost or damaged are recomputed. One process writes a
+store at a time (a lock beside it); under torchrun, rank 0 holds the lock and rank r takes every
+world_size-th pending shard. Each shard file is checked against its sha256 before use.
+
+The loop keeps the accelerator busy: batch i+1 is queued on it before batch i's logits are collected,
+and a finished shard is written by a background thread while the teacher goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import PipelineConfig
 from dho_pipeline.errors import warn
-from dho_pipeline.runtime import Runtime, autocast, init_runtime
+from dho_pipeline.runtime import Runtime, init_runtime
 from dho_pipeline.shards import Shard, load_manifest
-from dho_pipeline.store import NOT_DONE, TeacherStore, build_fingerprint
+from dho_pipeline.store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
 from dho_pipeline.store_lock import rank_zero_lock
-from dho_pipeline.store_lookup import store_path, view_recipe
+from dho_pipeline.store_lookup import finished_store, stage_one_request, store_path, view_recipe
 from dho_pipeline.teacher import Teacher, load_teacher
-from dho_pipeline.teacher_views import TeacherViewBatches
+from dho_pipeline.teacher_views import TeacherViewBatches, views_for_split
 from dho_pipeline.tip_adapter import attach_adapter
 from dho_pipeline.views import ViewRecipe, normalize
 
 
-def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = None) -> Path:
-    """Fill the store for `cfg` and return its path; `max_shards` stops early (the rest on a later run)."""
+@dataclass
+class StageOneReport:
+    """Where the store is and how the run went: views computed by this process and where the time went."""
+
+    path: Path
+    views: int = 0
+    seconds: float = 0.0
+    startup_s: float = 0.0  # from the start until the first batch reached the teacher
+    already_complete: bool = False
+
+    @property
+    def steady_views_per_s(self) -> float:
+        return self.views / max(self.seconds - self.startup_s, 1e-9)
+
+    def summary(self) -> str:
+        if self.already_complete:
+            return f"{self.path}: already complete and verified; nothing to compute"
+        if not self.views:
+            return f"{self.path}: no shards left to compute"
+        return (f"{self.path}: {self.views:,} views in {self.seconds:.1f} s (start-up {self.startup_s:.1f} s, then "
+                f"{self.steady_views_per_s:,.0f} views/s)")
+
+
+def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = None) -> StageOneReport:
+    """Fill the store for `cfg`; `max_shards` stops early (the rest on a later run)."""
+    started = time.perf_counter()
     runtime = init_runtime(cfg.train.device)
     manifest = load_manifest(cfg.path(cfg.data.shards))
     recipe = view_recipe(cfg)
+    request = fingerprint_hash(stage_one_request(cfg, manifest, runtime.device))
+    if not overwrite:
+        done = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
+        if done is not None:
+            return StageOneReport(done, seconds=time.perf_counter() - started, already_complete=True)
+
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
     attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
     fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest)
     path = store_path(cfg, fingerprint)
+    report = StageOneReport(path)
 
     with rank_zero_lock(path, runtime):  # one writer: rank 0 holds the lock for ranks that split the shards
         if runtime.is_main:
             store = TeacherStore.open_or_create(path, fingerprint, manifest, 1 + recipe.count, overwrite,
-                                                with_zero_shot=teacher.adapter is not None)
+                                                with_zero_shot=teacher.adapter is not None, request=request)
             unmark_damaged(store)
         runtime.barrier()
         store = TeacherStore.open(path, mode="a")
@@ -50,9 +89,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         pending = [s for s in manifest.shards() if not store.shard_done(s)][runtime.rank:: runtime.world_size]
         pending = pending[:max_shards] if max_shards is not None else pending
         manifest.check_files(pending)
-        write_pending(store, pending, teacher, recipe, cfg, runtime)
+        first_batch = write_pending(store, pending, teacher, recipe, cfg, runtime)
+        report.views = sum(s.count * views_for_split(s.split, recipe) for s in pending)
+        report.startup_s = (first_batch or time.perf_counter()) - started
         runtime.barrier()
-    return path
+    report.seconds = time.perf_counter() - started
+    return report
 
 
 def unmark_damaged(store: TeacherStore) -> None:
@@ -64,44 +106,110 @@ def unmark_damaged(store: TeacherStore) -> None:
 
 
 def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, recipe: ViewRecipe,
-                  cfg: PipelineConfig, runtime: Runtime) -> None:
-    """Run the teacher over the pending shards' views and write each shard as soon as all its rows are in."""
-    num_classes = store.num_classes
+                  cfg: PipelineConfig, runtime: Runtime) -> float | None:
+    """Run the teacher over the pending shards' views and write each shard once all its rows are in.
+
+    Returns when the first batch reached the teacher (time.perf_counter), None when nothing was pending.
+    """
     dataset = TeacherViewBatches(pending, recipe, teacher.image_size, cfg.teacher.batch_size,
                                  skip_bad=cfg.data.on_bad_image == "skip")
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.data.num_workers, len(pending)),
                         pin_memory=runtime.device.type == "cuda")
-    buffers: dict[int, dict[str, np.ndarray]] = {}
-    filled: dict[int, int] = {}
-    total = sum(s.count for s in pending)
-    with tqdm(total=total, desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
+    rows = ShardRows(store, pending, 1 + recipe.count, with_zero_shot=teacher.adapter is not None)
+    first_batch, in_flight = None, None
+    with tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
               disable=not runtime.is_main) as bar:
         for batch in loader:
-            index = batch["shard"]
-            shard = pending[index]
-            if index not in buffers:
-                buffers[index] = _empty_rows(shard.count, 1 + recipe.count, num_classes,
-                                             with_zero_shot=teacher.adapter is not None)
-                filled[index] = 0
-            images = batch["images"].to(runtime.device, non_blocking=True)
-            n, views = images.shape[:2]
-            with autocast(runtime.device, cfg.train.amp):
-                features = teacher.features(normalize(images.flatten(0, 1), teacher.mean, teacher.std))
-                logits = teacher.head(features)
-            at = batch["rows"] - shard.first_row
-            buf = buffers[index]
-            buf["logits"][at, :views] = logits.view(n, views, -1).float().cpu().numpy()
-            buf["logits"][at[batch["bad"]]] = np.nan
-            if "zero_shot" in buf:  # the clean view's zero-shot logits, to report what the adapter adds
-                buf["zero_shot"][at] = teacher.zero_shot(features.view(n, views, -1)[:, 0]).float().cpu().numpy()
-            buf["boxes"][at, :views] = batch["boxes"]
-            buf["flips"][at, :views] = batch["flips"]
-            buf["labels"][at] = batch["labels"]
-            buf["bad"][at] = batch["bad"]
-            filled[index] += n
-            bar.update(n)
-            if filled[index] == shard.count:
-                store.write_shard(shard, **buffers.pop(index))
+            first_batch = first_batch or time.perf_counter()
+            outputs = queue_teacher(teacher, batch["images"], runtime.device)
+            if in_flight is not None:  # the previous batch's logits: collected while this one runs
+                bar.update(rows.add(*in_flight))
+            in_flight = (batch, outputs)
+        if in_flight is not None:
+            bar.update(rows.add(*in_flight))
+        rows.flush()
+    return first_batch
+
+
+def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device) -> HostCopy:
+    """Queue the teacher on a batch of uint8 views (N, V, 3, S, S); its logits come back without waiting.
+
+    The logits of every view, plus the clean view's zero-shot logits when an adapter makes the logits.
+    """
+    images = images.to(device, non_blocking=True)
+    n, views = images.shape[:2]
+    features = teacher.features(normalize(images.flatten(0, 1), teacher.mean, teacher.std))
+    outputs = {"logits": teacher.head(features).view(n, views, -1)}
+    if teacher.adapter is not None:  # the clean view's zero-shot logits, to report what the adapter adds
+        outputs["zero_shot"] = teacher.zero_shot(features.view(n, views, -1)[:, 0])
+    return HostCopy(outputs)
+
+
+class HostCopy:
+    """Tensors on their way to host memory: on CUDA the copy runs behind the queued work; `.wait()` lands them."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+                     for name, t in tensors.items()}
+        self.event = None
+        if any(t.is_cuda for t in tensors.values()):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> dict[str, np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return {name: t.float().numpy() for name, t in self.host.items()}
+
+
+class ShardRows:
+    """Per-shard row buffers filled batch by batch; a full shard is written by a background thread.
+
+    One write is in flight at a time, so a failing write (a full disk) stops the run at the next shard.
+    """
+
+    def __init__(self, store: TeacherStore, shards: list[Shard], views: int, with_zero_shot: bool):
+        self.store, self.shards = store, shards
+        self.views, self.with_zero_shot = views, with_zero_shot
+        self.buffers: dict[int, dict[str, np.ndarray]] = {}
+        self.filled: dict[int, int] = {}
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self.writing: Future | None = None
+
+    def add(self, batch: dict, outputs: HostCopy) -> int:
+        """Copy one batch's rows into its shard's buffer; returns the number of images added."""
+        index = batch["shard"]
+        shard = self.shards[index]
+        if index not in self.buffers:
+            self.buffers[index] = _empty_rows(shard.count, self.views, self.store.num_classes, self.with_zero_shot)
+            self.filled[index] = 0
+        values = outputs.wait()
+        at = batch["rows"] - shard.first_row
+        n, views = values["logits"].shape[:2]
+        buf = self.buffers[index]
+        buf["logits"][at, :views] = values["logits"]
+        buf["logits"][at[batch["bad"]]] = np.nan
+        if "zero_shot" in values:
+            buf["zero_shot"][at] = values["zero_shot"]
+        buf["boxes"][at, :views] = batch["boxes"]
+        buf["flips"][at, :views] = batch["flips"]
+        buf["labels"][at] = batch["labels"]
+        buf["bad"][at] = batch["bad"]
+        self.filled[index] += n
+        if self.filled[index] == shard.count:
+            self._wait_for_write()
+            self.writing = self.writer.submit(self.store.write_shard, shard, **self.buffers.pop(index))
+        return n
+
+    def flush(self) -> None:
+        """Wait for the last write; raises what it raised."""
+        self._wait_for_write()
+        self.writer.shutdown()
+
+    def _wait_for_write(self) -> None:
+        if self.writing is not None:
+            self.writing.result()
+            self.writing = None
 
 
 def _empty_rows(count: int, views: int, classes: int, with_zero_shot: bool) -> dict[str, np.ndarray]:
@@ -115,4 +223,3 @@ def _empty_rows(count: int, views: int, classes: int, with_zero_shot: bool) -> d
     if with_zero_shot:
         rows["zero_shot"] = np.full((count, classes), np.nan, np.float32)
     return rows
-

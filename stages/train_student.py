@@ -246,9 +246,8 @@ class StepFeed:
     def _teacher_logits(self, batch: dict) -> torch.Tensor:
         if self.teacher is None:
             return batch["teacher_logits"].to(self.device, non_blocking=True)
-        images = batch["teacher_images"].to(self.device, non_blocking=True)
-        with autocast(self.device, self.tc.amp):
-            return self.teacher.logits(normalize(images, self.teacher.mean, self.teacher.std)).float()
+        images = batch["teacher_images"].to(self.device, non_blocking=True)  # the teacher runs in teacher.dtype
+        return self.teacher.logits(normalize(images, self.teacher.mean, self.teacher.std))
 
 
 def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkpoints, metrics: MetricsLog,

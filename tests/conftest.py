@@ -84,7 +84,7 @@ def cached_store(shards_dir: Path, teacher_file: Path, tmp_path_factory: pytest.
     from stages import cache_teacher
 
     config = write_config(tmp_path_factory.mktemp("cached") / "p.yaml", shards_dir, teacher_file)
-    return cache_teacher.run(load_config(config))
+    return cache_teacher.run(load_config(config)).path
 
 
 def one_line_error(result: Result, *names: str) -> str:

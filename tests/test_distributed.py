@@ -26,7 +26,7 @@ def test_two_ranks_write_the_same_store_and_train(shards_dir, teacher_file, tmp_
                           student={"model": "resnet10t", "image_size": 32},
                           train={"steps": 4, "batch_labelled": 8, "batch_unlabelled": 8, "log_every": 2,
                                  "out_dir": str(tmp_path / "run")})
-    single = cache_teacher.run(load_config(config, [f"cache.store={tmp_path / 'single.zarr'}"]))
+    single = cache_teacher.run(load_config(config, [f"cache.store={tmp_path / 'single.zarr'}"])).path
     torchrun("cache-teacher", "-c", str(config), "--set", f"cache.store={tmp_path / 'ranks.zarr'}")
     a, b = TeacherStore.open(single), TeacherStore.open(tmp_path / "ranks.zarr")
     for name in ("logits", "boxes", "flips", "labels", "done"):

@@ -76,7 +76,7 @@ def test_a_damaged_logits_chunk_is_named_and_exactly_its_shard_recomputed(damage
 
     damaged = chunk_file(store, "logits", 5)
     untouched = {f: f.stat().st_mtime_ns for f in (store / "logits").rglob("*") if f.is_file() and f != damaged}
-    assert cache_teacher.run(load_config(config)) == store
+    assert cache_teacher.run(load_config(config)).path == store
     rewritten = [f for f, mtime in untouched.items() if f.stat().st_mtime_ns != mtime]
     assert rewritten == [], "only the damaged shard's chunk may be written again"
     assert damaged.exists()
@@ -129,7 +129,7 @@ def test_a_store_whose_creation_was_interrupted_is_completed(shards_dir, teacher
 
     listed = dho("cache", "list", "--root", store.parent)
     assert listed.exit_code == 0 and "broken.zarr  unreadable: a zarr group without dho's attributes" in listed.output
-    assert cache_teacher.run(load_config(config)) == store
+    assert cache_teacher.run(load_config(config)).path == store
     assert_same_store(store, cached_store)
 
 

@@ -131,7 +131,7 @@ def test_store_with_other_templates_or_checkpoint_is_refused(cached_store, shard
 def test_same_settings_find_and_reuse_the_store(cached_store, shards_dir, teacher_file, tmp_path):
     config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"root": str(cached_store.parent)})
     mtime = (cached_store / "logits" / "zarr.json").stat().st_mtime_ns
-    assert cache_teacher.run(load_config(config)) == cached_store
+    assert cache_teacher.run(load_config(config)).path == cached_store
     assert (cached_store / "logits" / "zarr.json").stat().st_mtime_ns == mtime
     listed = CliRunner().invoke(main, ["cache", "list", "--root", str(cached_store.parent)])
     assert cached_store.name in listed.output and "done=100%" in listed.output
@@ -166,6 +166,6 @@ def test_corrupt_image_is_named_or_skipped_and_counted(fmnist, teacher_file, tmp
     bad_row = load_manifest(tmp_path / "shards").splits["unlabelled"][0].first_row + 5
     with pytest.raises(ShardDataError, match=rf"unlabelled-00000\.tar: sample '{bad_row:09d}': cannot decode image"):
         cache_teacher.run(load_config(config))
-    path = cache_teacher.run(load_config(config, ["data.on_bad_image=skip"]))
+    path = cache_teacher.run(load_config(config, ["data.on_bad_image=skip"])).path
     report = json.loads(CliRunner().invoke(main, ["cache", "inspect", str(path), "--json"]).output)
     assert report["bad_rows"] == 1 and report["done_fraction"] == 1.0

@@ -104,7 +104,7 @@ def test_store_of_another_adapter_is_refused_and_inspect_reports_both(few_shot_s
     store = str(tmp_path / "tip.zarr")
     first = write_config(tmp_path / "a.yaml", few_shot_shards, trained_teacher_file, cache={"store": store},
                          teacher={"kind": "tip-adapter", "adapter": ADAPTER})
-    path = cache_teacher.run(load_config(first))
+    path = cache_teacher.run(load_config(first)).path
     assert (tmp_path / "cache" / "adapters").is_dir(), "the fitted adapter is kept for reuse"
     report = json.loads(CliRunner().invoke(main, ["cache", "inspect", str(path), "--json"]).output)
     assert report["fingerprint_fields"]["teacher"]["head"] == "tip-adapter"
@@ -123,5 +123,5 @@ def test_fit_adapter_cli_writes_a_file_cache_teacher_takes(few_shot_shards, trai
     result = CliRunner().invoke(main, ["fit-adapter", "-c", str(config), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert out.is_file() and '"kind": "tip-adapter-f"' in result.output
-    path = cache_teacher.run(load_config(config, [f"teacher.adapter.file={out}"]))
+    path = cache_teacher.run(load_config(config, [f"teacher.adapter.file={out}"])).path
     assert load_config(config).teacher.kind == "tip-adapter-f" and (path / "zero_shot").is_dir()
