@@ -25,8 +25,9 @@ def training_loss(
     teacher_u: torch.Tensor | None = None,
     temperature: float = 2.0,
     weighting: str = "few_shot",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The step's loss and its parts, from the (CE head, KD head) outputs on the labelled and unlabelled batch.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's loss and its parts (detached: reading them waits for the device), from the (CE head, KD head)
+    outputs on the labelled and unlabelled batch.
 
     dho:            few_shot 0.5 * CE(h_ce(L)) + 0.5 * (KD(h_kd(L)) + KD(h_kd(U)));
                     semi_supervised CE + KD_L + KD_U.
@@ -37,11 +38,11 @@ def training_loss(
         raise ValueError(f"train.method: unknown method {method!r} (one of {', '.join(METHODS)})")
     ce = F.cross_entropy(out_l[0].float(), labels)
     if method == "ce_only":
-        return ce, {"ce": ce.item()}
+        return ce, {"ce": ce.detach()}
     head = 0 if method == "single_head_kd" else 1
     kd_lab = kd_loss(out_l[head], teacher_l, temperature)
     kd_unl = kd_loss(out_u[head], teacher_u, temperature)
-    parts = {"ce": ce.item(), "kd_l": kd_lab.item(), "kd_u": kd_unl.item()}
+    parts = {"ce": ce.detach(), "kd_l": kd_lab.detach(), "kd_u": kd_unl.detach()}
     if method == "single_head_kd":
         return ce + kd_lab + kd_unl, parts
     w = 0.5 if weighting == "few_shot" else 1.0

@@ -1,4 +1,4 @@
-"""Where the work runs: device choice, torchrun process groups, mixed precision."""
+"""Where the work runs: device choice, torchrun process groups, mixed precision, results back to the host."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -63,3 +64,20 @@ def autocast(device: torch.device, mode: str = "auto") -> contextlib.AbstractCon
         return contextlib.nullcontext()
     dtype = torch.float16 if mode == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
+
+
+class HostCopy:
+    """Tensors on their way to host memory: on CUDA the copy runs behind the queued work; `.wait()` lands them."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+                     for name, t in tensors.items()}
+        self.event = None
+        if any(t.is_cuda for t in tensors.values()):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> dict[str, np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return {name: t.float().numpy() for name, t in self.host.items()}

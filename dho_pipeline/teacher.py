@@ -166,13 +166,13 @@ def load_teacher(cfg: TeacherConfig, class_names: list[str], device: torch.devic
 
 
 def _create_model(cfg: TeacherConfig, pretrained: str | None, is_file: bool, device: torch.device) -> torch.nn.Module:
-    """open_clip.create_model, allocated on `device`; weights that will be loaded are not initialised first.
+    """open_clip.create_model on `device`; weights that will be loaded are not initialised first.
 
     A local checkpoint file open_clip cannot load is refused naming the file and the model.
     """
+    mmap = is_file and _is_torch_zip(Path(pretrained))
     try:
-        with (_quiet_open_clip(), torch.device(device), _skip_init(pretrained is not None),
-              _mmap_load(is_file and _is_torch_zip(Path(pretrained)))):
+        with _quiet_open_clip(), _skip_init(pretrained is not None), _mmap_load(mmap):
             return open_clip.create_model(
                 cfg.model, pretrained=pretrained, device=device, force_quick_gelu=cfg.quick_gelu,
                 force_image_size=cfg.image_size,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dho_pipeline.config import PipelineConfig
 from dho_pipeline.errors import warn
-from dho_pipeline.runtime import Runtime, init_runtime
+from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
 from dho_pipeline.shards import Shard, load_manifest
 from dho_pipeline.store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
 from dho_pipeline.store_lock import rank_zero_lock
@@ -44,12 +44,14 @@ class StageOneReport:
     path: Path
     views: int = 0
     seconds: float = 0.0
-    startup_s: float = 0.0  # from the start until the first batch reached the teacher
+    startup_s: float = 0.0  # from the start until the first batch's logits were back
+    startup_views: int = 0  # the views of that first batch
     already_complete: bool = False
 
     @property
     def steady_views_per_s(self) -> float:
-        return self.views / max(self.seconds - self.startup_s, 1e-9)
+        """Views/s after the first batch: what a long run converges to."""
+        return (self.views - self.startup_views) / max(self.seconds - self.startup_s, 1e-9)
 
     def summary(self) -> str:
         if self.already_complete:
@@ -89,9 +91,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         pending = [s for s in manifest.shards() if not store.shard_done(s)][runtime.rank:: runtime.world_size]
         pending = pending[:max_shards] if max_shards is not None else pending
         manifest.check_files(pending)
-        first_batch = write_pending(store, pending, teacher, recipe, cfg, runtime)
+        first_done, report.startup_views = write_pending(store, pending, teacher, recipe, cfg, runtime)
         report.views = sum(s.count * views_for_split(s.split, recipe) for s in pending)
-        report.startup_s = (first_batch or time.perf_counter()) - started
+        report.startup_s = (first_done or time.perf_counter()) - started
         runtime.barrier()
     report.seconds = time.perf_counter() - started
     return report
@@ -106,29 +108,33 @@ def unmark_damaged(store: TeacherStore) -> None:
 
 
 def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, recipe: ViewRecipe,
-                  cfg: PipelineConfig, runtime: Runtime) -> float | None:
+                  cfg: PipelineConfig, runtime: Runtime) -> tuple[float | None, int]:
     """Run the teacher over the pending shards' views and write each shard once all its rows are in.
 
-    Returns when the first batch reached the teacher (time.perf_counter), None when nothing was pending.
+    Returns when the first batch's logits were back (time.perf_counter; None when nothing was pending) and its
+    number of views: the start-up a benchmark separates from the steady state.
     """
     dataset = TeacherViewBatches(pending, recipe, teacher.image_size, cfg.teacher.batch_size,
                                  skip_bad=cfg.data.on_bad_image == "skip")
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.data.num_workers, len(pending)),
                         pin_memory=runtime.device.type == "cuda")
     rows = ShardRows(store, pending, 1 + recipe.count, with_zero_shot=teacher.adapter is not None)
-    first_batch, in_flight = None, None
+    first_done, first_views, in_flight = None, 0, None
     with tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
               disable=not runtime.is_main) as bar:
         for batch in loader:
-            first_batch = first_batch or time.perf_counter()
             outputs = queue_teacher(teacher, batch["images"], runtime.device)
             if in_flight is not None:  # the previous batch's logits: collected while this one runs
                 bar.update(rows.add(*in_flight))
+                first_done = first_done or time.perf_counter()
+            else:
+                first_views = batch["images"].shape[0] * batch["images"].shape[1]
             in_flight = (batch, outputs)
         if in_flight is not None:
             bar.update(rows.add(*in_flight))
+            first_done = first_done or time.perf_counter()
         rows.flush()
-    return first_batch
+    return first_done, first_views
 
 
 def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device) -> HostCopy:
@@ -143,23 +149,6 @@ def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device) 
     if teacher.adapter is not None:  # the clean view's zero-shot logits, to report what the adapter adds
         outputs["zero_shot"] = teacher.zero_shot(features.view(n, views, -1)[:, 0])
     return HostCopy(outputs)
-
-
-class HostCopy:
-    """Tensors on their way to host memory: on CUDA the copy runs behind the queued work; `.wait()` lands them."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=True)
-                     for name, t in tensors.items()}
-        self.event = None
-        if any(t.is_cuda for t in tensors.values()):
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def wait(self) -> dict[str, np.ndarray]:
-        if self.event is not None:
-            self.event.synchronize()
-        return {name: t.float().numpy() for name, t in self.host.items()}
 
 
 class ShardRows:

@@ -30,7 +30,7 @@ from dho_pipeline.config import PipelineConfig, TrainConfig
 from dho_pipeline.errors import CheckpointError, DhoError, disk_full, is_disk_full, warn
 from dho_pipeline.evaluation import accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.losses import training_loss
-from dho_pipeline.runtime import Runtime, autocast, init_runtime
+from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
 from dho_pipeline.schedule import make_scheduler
 from dho_pipeline.shards import Manifest, load_manifest
 from dho_pipeline.store_lookup import find_store, view_recipe
@@ -262,33 +262,56 @@ def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkp
     net.train()
     val_shards = ctx.manifest.splits.get("val", [])
     tick, seen = time.perf_counter(), 0
+    previous: StepResult | None = None
     for step in tqdm(steps, desc="train-student", initial=steps.start, total=ctx.total_steps,
                      disable=not runtime.is_main):
         done = step + 1
         inputs = feed.next()
         loss, parts = step_loss(net, inputs, tc)
-        if not finite_on_every_rank([loss], runtime):
-            value = loss.item()
-            what = f"the loss is {value}" if not math.isfinite(value) else "another rank's loss is not finite"
-            raise diverged(ctx, checkpoints, done, inputs.rows, what)
+        result = StepResult(done, inputs.rows, HostCopy({"loss": loss.detach(), "finite": finite_flag([loss], runtime),
+                                                         **parts}))
         lr = optimizer_step(student, loss, tc)
+        if previous is not None:  # read one step late, so the device never waits for the host
+            previous.values_or_raise(ctx, checkpoints)
+        previous = result
         seen += len(inputs.images)
         if done % tc.log_every == 0 or done == ctx.total_steps:
+            values = result.values_or_raise(ctx, checkpoints)
             elapsed = time.perf_counter() - tick
-            metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, "loss": loss.item(), **parts, "lr": lr,
+            metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, **values, "lr": lr,
                            "images_per_s": seen * runtime.world_size / max(elapsed, 1e-9)})
             tick, seen = time.perf_counter(), 0
         if runtime.is_main and val_shards and (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps):
             metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch,
                            "val": validate(student.model, val_shards, student.data, runtime.device, ctx.cfg)})
         if done % tc.checkpoint_every == 0 or done == steps.stop:
+            result.values_or_raise(ctx, checkpoints)
             weights = [t for t in student.model.state_dict().values() if t.is_floating_point()]
-            if not finite_on_every_rank(weights, runtime):
+            if not bool(finite_flag(weights, runtime)):
                 raise diverged(ctx, checkpoints, done, inputs.rows, "the weights are not finite after it")
             checkpoints.save(student, done)
 
 
-def step_loss(net: torch.nn.Module, inputs: StepInputs, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass
+class StepResult:
+    """One step's loss, its parts and whether the loss was finite on every rank, on their way to the host."""
+
+    step: int
+    rows: torch.Tensor
+    values: HostCopy
+
+    def values_or_raise(self, ctx: RunContext, checkpoints: Checkpoints) -> dict[str, float]:
+        """The loss and its parts; TrainingDiverged naming this step when the loss was not finite on some rank."""
+        values = {name: float(v) for name, v in self.values.wait().items()}
+        if not values.pop("finite"):
+            loss = values["loss"]
+            what = f"the loss is {loss}" if not math.isfinite(loss) else "another rank's loss is not finite"
+            raise diverged(ctx, checkpoints, self.step, self.rows, what)
+        return values
+
+
+def step_loss(net: torch.nn.Module, inputs: StepInputs,
+              tc: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The forward pass of one step: the loss of train.method and its parts."""
     with autocast(inputs.images.device, tc.amp):
         ce, kd = net(inputs.images)
@@ -312,15 +335,15 @@ def optimizer_step(student: Student, loss: torch.Tensor, tc: TrainConfig) -> flo
     return lr
 
 
-def finite_on_every_rank(tensors: list[torch.Tensor], runtime: Runtime) -> bool:
-    """Whether every value of `tensors` is finite, here and on the other ranks (one all-reduce under torchrun)."""
+def finite_flag(tensors: list[torch.Tensor], runtime: Runtime) -> torch.Tensor:
+    """1 where every value of `tensors` is finite here and on the other ranks, else 0, on the device (no wait)."""
     # The largest magnitude is finite exactly when every value is (amax keeps a NaN); on the CPU it is several
     # times faster than isfinite.
     largest = torch.stack([t.detach().abs().amax().float() for t in tensors if t.numel()])
     finite = largest.isfinite().all().to(torch.int32)
     if runtime.world_size > 1:
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite)
+    return finite
 
 
 def diverged(ctx: RunContext, checkpoints: Checkpoints, step: int, rows: torch.Tensor, what: str) -> TrainingDiverged:
