@@ -73,6 +73,7 @@ class ViewConfig:
 class CacheConfig:
     root: str = "cache"
     store: str | None = None  # explicit store path; default: <root>/<teacher>-<fingerprint hash>.zarr
+    top_k: int | None = None  # keep each view's k largest logits, their classes and the log-sum-exp; null = all
 
 
 @dataclass

@@ -80,4 +80,4 @@ class HostCopy:
     def wait(self) -> dict[str, np.ndarray]:
         if self.event is not None:
             self.event.synchronize()
-        return {name: t.float().numpy() for name, t in self.host.items()}
+        return {name: t.float().numpy() if t.is_floating_point() else t.numpy() for name, t in self.host.items()}

@@ -1,7 +1,10 @@
 """The Zarr teacher-logit store: created atomically from a fingerprint, written one shard (= one chunk) at a time.
 
 Layout (rows = the manifest's row space, chunk = one shard along rows):
-  logits (rows, 1+K, C) float16  teacher logits per view; NaN where not computed
+  logits (rows, 1+K, C) float16  teacher logits per view; NaN where not computed (dense stores)
+  top_values  (rows, 1+K, k) float16   top-k stores (cache.top_k): each view's k largest logits, descending,
+  top_indices (rows, 1+K, k) int16/32  their classes (-1 where not computed),
+  lse         (rows, 1+K)    float32   and the log-sum-exp of all C logits, so their probabilities are exact
   boxes  (rows, 1+K, 4) float32  crop box per view, fractions (x0, y0, w, h) of the image
   flips  (rows, 1+K)    bool     horizontal flip per view
   labels (rows,)        int16    class index (-1 outside any shard), for reporting only
@@ -10,7 +13,7 @@ Layout (rows = the manifest's row space, chunk = one shard along rows):
   zero_shot (rows, C)   float16  adapted teachers only: the clean view's zero-shot logits
   checksums (chunks, A) uint32   per shard, the CRC-32 of each checked array's rows, written just before `done`
 attributes: format, fingerprint, fingerprint_hash, class_names, splits (row ranges of each shard), checked
-(the arrays `checksums` covers, in column order).
+(the arrays `checksums` covers, in column order), top_k (null for dense stores), request.
 
 A shard's rows are trusted only when `done` and every checked array matches its checksum: a chunk that is
 missing (read back as fill), truncated or overwritten is found, named, and recomputed by stage one.
@@ -29,16 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from tqdm import tqdm
 
 from dho_pipeline.errors import DhoError, disk_full, is_disk_full, one_line
 from dho_pipeline.shards import Manifest, Shard
 
-STORE_FORMAT = "dho-teacher-store/2"
-ARRAYS = ("logits", "boxes", "flips", "labels", "bad", "done")
+STORE_FORMAT = "dho-teacher-store/2"  # dense logits
+TOPK_STORE_FORMAT = "dho-teacher-store/3"  # top-k logits (cache.top_k)
+DENSE_LOGITS = ("logits",)
+TOPK_LOGITS = ("top_values", "top_indices", "lse")
 VERIFY_THREADS = 8  # reads and checksums overlap; zarr's codecs and zlib release the GIL
-CHECKED = ("logits", "boxes", "flips", "labels", "bad")  # + zero_shot when present; `done` is the mark itself
+VIEW_ARRAYS = ("boxes", "flips", "labels", "bad")  # checked after the logit arrays; + zero_shot when present
 
 
 class StoreError(DhoError):
@@ -91,14 +97,36 @@ class StoreShard:
 
 @dataclass
 class ShardRows:
-    """One shard's slice of the store, read in one chunk read per array."""
+    """One shard's slice of the store, read in one chunk read per array: dense logits or top-k rows."""
 
-    logits: np.ndarray
     boxes: np.ndarray
     flips: np.ndarray
     labels: np.ndarray
     bad: np.ndarray
     done: np.ndarray
+    logits: np.ndarray | None = None  # dense stores
+    top_values: np.ndarray | None = None  # top-k stores
+    top_indices: np.ndarray | None = None
+    lse: np.ndarray | None = None
+
+    @property
+    def num_views(self) -> int:
+        return self.boxes.shape[1]
+
+    def teacher_row(self, position: int, view: int) -> dict[str, torch.Tensor]:
+        """One view's teacher output as stage two's stream carries it (fp32; int64 class indices)."""
+        if self.logits is not None:
+            return {"teacher_logits": torch.from_numpy(self.logits[position, view].astype(np.float32))}
+        return {"teacher_top_values": torch.from_numpy(self.top_values[position, view].astype(np.float32)),
+                "teacher_top_indices": torch.from_numpy(self.top_indices[position, view].astype(np.int64)),
+                "teacher_lse": torch.tensor(float(self.lse[position, view]))}
+
+    def predictions(self) -> np.ndarray:
+        """The teacher's top-1 class of every row and view (rows, 1+K); -1 where not computed."""
+        if self.logits is not None:
+            computed = ~np.isnan(self.logits).any(-1)
+            return np.where(computed, np.nan_to_num(self.logits.astype(np.float32), nan=0).argmax(-1), -1)
+        return np.where(np.isnan(self.lse), -1, self.top_indices[..., 0].astype(np.int64))
 
 
 class TeacherStore:
@@ -118,15 +146,24 @@ class TeacherStore:
 
     @property
     def num_views(self) -> int:
-        return self.group["logits"].shape[1]
+        return self.group["boxes"].shape[1]
 
     @property
     def num_classes(self) -> int:
-        return self.group["logits"].shape[2]
+        return len(self.attrs["class_names"])
 
     @property
     def num_rows(self) -> int:
-        return self.group["logits"].shape[0]
+        return self.group["boxes"].shape[0]
+
+    @property
+    def top_k(self) -> int | None:
+        """k of a top-k store; None for a dense one."""
+        return self.attrs.get("top_k")
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return (*(TOPK_LOGITS if self.top_k else DENSE_LOGITS), *VIEW_ARRAYS, "done")
 
     @property
     def checked(self) -> list[str]:
@@ -134,12 +171,13 @@ class TeacherStore:
 
     @classmethod
     def create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
-               with_zero_shot: bool = False, request: str | None = None) -> TeacherStore:
+               with_zero_shot: bool = False, request: str | None = None, top_k: int | None = None) -> TeacherStore:
         """Build the store beside `path` and rename it into place: a kill leaves nothing or a whole store.
 
         `request` is the hash of the config that asked for it (store_lookup.stage_one_request), so a rerun
-        of that config can find the finished store without building the teacher. Call with the store's
-        write lock held (store_lock.py); `path` must not exist.
+        of that config can find the finished store without building the teacher. `top_k` keeps each view's k
+        largest logits (see the module docstring). Call with the store's write lock held (store_lock.py);
+        `path` must not exist.
         """
         path = Path(path)
         for leftover in path.parent.glob(f"{path.name}.creating-*"):  # from writers killed while creating
@@ -147,9 +185,13 @@ class TeacherStore:
         building = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:8]}")
         group = zarr.open_group(str(building), mode="w")
         rows, chunk, classes = manifest.num_rows, manifest.shard_size, len(manifest.class_names)
-        checked = list(CHECKED) + (["zero_shot"] if with_zero_shot else [])
+        logit_arrays = TOPK_LOGITS if top_k else DENSE_LOGITS
+        checked = [*logit_arrays, *VIEW_ARRAYS] + (["zero_shot"] if with_zero_shot else [])
         specs = {
             "logits": ((rows, num_views, classes), "float16", np.nan),
+            "top_values": ((rows, num_views, top_k), "float16", np.nan),
+            "top_indices": ((rows, num_views, top_k), "int16" if classes <= 32767 else "int32", -1),
+            "lse": ((rows, num_views), "float32", np.nan),
             "boxes": ((rows, num_views, 4), "float32", 0.0),
             "flips": ((rows, num_views), "bool", False),
             "labels": ((rows,), "int16", -1),
@@ -158,18 +200,20 @@ class TeacherStore:
         }
         if with_zero_shot:
             specs["zero_shot"] = ((rows, classes), "float16", np.nan)
+        specs = {name: spec for name, spec in specs.items() if name in (*checked, "done")}
         for name, (shape, dtype, fill) in specs.items():
             group.create_array(name, shape=shape, chunks=(chunk,) + shape[1:], dtype=dtype, fill_value=fill)
         group.create_array("checksums", shape=(-(-rows // chunk), len(checked)), chunks=(1, len(checked)),
                            dtype="uint32", fill_value=0)
         group.attrs.update({
-            "format": STORE_FORMAT,
+            "format": TOPK_STORE_FORMAT if top_k else STORE_FORMAT,
             "fingerprint": fingerprint,
             "fingerprint_hash": fingerprint_hash(fingerprint),
             "class_names": manifest.class_names,
             "splits": {split: [[s.first_row, s.count] for s in shards] for split, shards in manifest.splits.items()},
             "checked": checked,
             "request": request,
+            "top_k": top_k,
         })
         os.rename(building, path)
         return cls.open(path, mode="a")
@@ -188,18 +232,20 @@ class TeacherStore:
         if found is None:
             raise StoreError(f"{path}: a zarr group without dho's attributes (an interrupted creation, which "
                              "`dho cache-teacher` replaces, or not a teacher store)")
-        if found != STORE_FORMAT:
+        if found not in (STORE_FORMAT, TOPK_STORE_FORMAT):
             raise StoreError(f"{path}: not a teacher store this dho reads (format {found!r}, expected "
-                             f"{STORE_FORMAT!r}); rerun `dho cache-teacher --overwrite` to rebuild it")
-        missing = [name for name in (*ARRAYS, "checksums") if name not in group]
+                             f"{STORE_FORMAT!r} or {TOPK_STORE_FORMAT!r}); rerun `dho cache-teacher --overwrite` "
+                             "to rebuild it")
+        store = cls(path, group)
+        missing = [name for name in (*store.arrays, "checksums") if name not in group]
         if missing:
             raise StoreError(f"{path}: array {missing[0]!r} is missing; rerun `dho cache-teacher --overwrite`")
-        return cls(path, group)
+        return store
 
     @classmethod
     def open_or_create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
                        overwrite: bool = False, with_zero_shot: bool = False,
-                       request: str | None = None) -> TeacherStore:
+                       request: str | None = None, top_k: int | None = None) -> TeacherStore:
         """Reuse a store made from the same fingerprint, refuse another one unless `overwrite`.
 
         An interrupted creation (metadata without attributes or data) is replaced; with `overwrite`,
@@ -219,7 +265,7 @@ class TeacherStore:
                 if not overwrite:
                     store.check_fingerprint(fingerprint)
             _remove(path)
-        return cls.create(path, fingerprint, manifest, num_views, with_zero_shot, request)
+        return cls.create(path, fingerprint, manifest, num_views, with_zero_shot, request, top_k)
 
     def check_fingerprint(self, expected: dict) -> None:
         """Raise StoreMismatch naming every field where this store differs from `expected`."""
@@ -265,11 +311,11 @@ class TeacherStore:
         whole[shard.first_row - start: shard.first_row - start + shard.count] = values
         array[start: start + len(whole)] = whole
 
-    def write_shard(self, shard: Shard, logits: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
-                    labels: np.ndarray, bad: np.ndarray, zero_shot: np.ndarray | None = None) -> None:
-        """Write one shard's rows (one chunk), their checksums, then the done mark: a crash before it redoes it."""
-        values = {"logits": logits, "boxes": boxes, "flips": flips, "labels": labels, "bad": bad,
-                  "zero_shot": zero_shot}
+    def write_shard(self, shard: Shard, **values: np.ndarray) -> None:
+        """Write one shard's rows of every checked array (one chunk each), their checksums, then the done mark:
+        a crash before it redoes it."""
+        if set(values) != set(self.checked):
+            raise ValueError(f"write_shard: got arrays {sorted(values)}, this store holds {sorted(self.checked)}")
         sums = []
         try:
             for name in self.checked:
@@ -280,7 +326,7 @@ class TeacherStore:
             self._write_chunk("done", shard, np.ones(shard.count, bool))
         except OSError as e:
             if is_disk_full(e):
-                raise disk_full(self.path, sum(np.asarray(v).nbytes for v in values.values() if v is not None)) from e
+                raise disk_full(self.path, sum(np.asarray(v).nbytes for v in values.values())) from e
             raise
 
     def verify_shard(self, shard: Shard | StoreShard) -> str | None:
@@ -292,7 +338,7 @@ class TeacherStore:
         arrays, problem = self._read_checked(shard)
         if problem:
             raise self._unusable(shard, problem)
-        return ShardRows(*(arrays[name] for name in ARRAYS))
+        return ShardRows(**{name: arrays[name] for name in self.arrays})
 
     def require_intact(self, shards: list[Shard]) -> None:
         """Verify `shards` up front; raise StoreError naming the first that is damaged or not computed yet."""
@@ -340,7 +386,7 @@ class TeacherStore:
             return dict(zip(shards, checks, strict=True))
 
     def _chunk(self, shard: Shard | StoreShard) -> int:
-        return shard.first_row // self.group["logits"].chunks[0]
+        return shard.first_row // self.group["boxes"].chunks[0]
 
     def split_rows(self) -> dict[str, np.ndarray]:
         """The row ids of every split, from the store's own attributes."""
@@ -378,13 +424,16 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def build_fingerprint(teacher: dict, views: dict, manifest: Manifest) -> dict:
-    """Everything the cached logits depend on: teacher, class names, view recipe and the shards."""
+def build_fingerprint(teacher: dict, views: dict, manifest: Manifest, top_k: int | None = None) -> dict:
+    """Everything the cached logits depend on: teacher, class names, view recipe, the shards and, for a top-k
+    store, k (a dense store's fingerprint has no top_k field, as before top-k stores existed)."""
     fingerprint = {
-        "format": STORE_FORMAT,
+        "format": TOPK_STORE_FORMAT if top_k else STORE_FORMAT,
         "teacher": teacher,
         "class_names": list(manifest.class_names),
         "views": views,
         "shards": manifest.fingerprint(),
     }
+    if top_k:
+        fingerprint["top_k"] = top_k
     return json.loads(json.dumps(fingerprint))  # as stored: tuples become lists

@@ -53,7 +53,7 @@ def expected_without_weights(cfg: PipelineConfig, manifest: Manifest) -> dict:
     }
     if sha:
         teacher["checkpoint_sha256"] = sha
-    return build_fingerprint(teacher, dataclasses.asdict(view_recipe(cfg)), manifest)
+    return build_fingerprint(teacher, dataclasses.asdict(view_recipe(cfg)), manifest, cfg.cache.top_k)
 
 
 def stage_one_request(cfg: PipelineConfig, manifest: Manifest, device: torch.device) -> dict:
@@ -83,7 +83,7 @@ def stage_one_request(cfg: PipelineConfig, manifest: Manifest, device: torch.dev
         "dtype": teacher_dtype(tc.dtype, device),
         "on_bad_image": cfg.data.on_bad_image,
     }
-    return build_fingerprint(teacher, dataclasses.asdict(view_recipe(cfg)), manifest)
+    return build_fingerprint(teacher, dataclasses.asdict(view_recipe(cfg)), manifest, cfg.cache.top_k)
 
 
 def finished_store(cfg: PipelineConfig, request: str) -> Path | None:

@@ -16,26 +16,26 @@ UNLABELLED_SAMPLE = 10_000  # unlabelled rows the teacher's accuracy is reported
 def teacher_accuracy(store: TeacherStore, shards: list[StoreShard], limit: int | None = None
                      ) -> dict[str, float | None]:
     """Top-1 of the stored logits on (the first `limit` rows of) intact shards: clean view, and all random views."""
-    logits, labels, zero_shot = [], [], []
+    predictions, labels, zero_shot = [], [], []
     for shard in shards:
         if limit is not None and sum(len(x) for x in labels) >= limit:
             break
         rows = store.read_shard(shard)
         keep = ~rows.bad
-        logits.append(rows.logits[keep].astype(np.float32))
+        predictions.append(rows.predictions()[keep])
         labels.append(rows.labels[keep].astype(np.int64))
         if "zero_shot" in store.group:
             zero_shot.append(store.group["zero_shot"][shard.first_row: shard.first_row + shard.count][keep])
     if not labels or not sum(len(x) for x in labels):
         return {"clean": None, "views": None, "zero_shot": None}
-    logits, labels = np.concatenate(logits), np.concatenate(labels)
-    clean = float((logits[:, CLEAN_VIEW].argmax(-1) == labels).mean())
+    predictions, labels = np.concatenate(predictions), np.concatenate(labels)
+    clean = float((predictions[:, CLEAN_VIEW] == labels).mean())
     adapted = None
     if zero_shot:
         adapted = float((np.concatenate(zero_shot).astype(np.float32).argmax(-1) == labels).mean())
-    random_views = logits[:, CLEAN_VIEW + 1:]
-    computed = ~np.isnan(random_views).any(-1)
-    hits = (random_views.argmax(-1) == labels[:, None]) & computed
+    random_views = predictions[:, CLEAN_VIEW + 1:]
+    computed = random_views >= 0
+    hits = (random_views == labels[:, None]) & computed
     views = float(hits.sum() / computed.sum()) if computed.any() else None
     return {"clean": clean, "views": views, "zero_shot": adapted}
 
@@ -76,7 +76,9 @@ def summarize(path: Path, progress: bool = False) -> dict:
         "rows": rows,
         "views": views,
         "classes": store.num_classes,
-        "dtype": str(store.group["logits"].dtype),
+        "dtype": (f"top-{store.top_k} ({store.group['top_values'].dtype} values, "
+                  f"{store.group['top_indices'].dtype} classes, float32 log-sum-exp)") if store.top_k
+        else str(store.group["logits"].dtype),
         "bytes_on_disk": size,
         "bytes_per_view": size / max(1, rows * views),
         "done_fraction": sum(s.count for s in intact) / rows if rows else 0.0,

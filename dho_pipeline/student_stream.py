@@ -146,10 +146,10 @@ class StudentStream(IterableDataset):
         spec = self.spec
         item = {"row": sample.row, "label": sample.label}
         if rows is not None:
-            view = cached_view(sample.row, epoch, rows.logits.shape[1] - 1, spec.seed)
+            view = cached_view(sample.row, epoch, rows.num_views - 1, spec.seed)
             box, flip = rows.boxes[position, view], bool(rows.flips[position, view])
             if spec.cached_logits:
-                item["teacher_logits"] = torch.from_numpy(rows.logits[position, view].astype(np.float32))
+                item.update(rows.teacher_row(position, view))
         if spec.fresh_views is not None:
             _, height, width = sample.image.shape
             box, flip = view_params(spec.fresh_views, sample.row, 1 + epoch, width, height)

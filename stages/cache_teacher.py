@@ -76,14 +76,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
 
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
     attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
-    fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest)
+    fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest, cfg.cache.top_k)
     path = store_path(cfg, fingerprint)
     report = StageOneReport(path)
 
     with rank_zero_lock(path, runtime):  # one writer: rank 0 holds the lock for ranks that split the shards
         if runtime.is_main:
             store = TeacherStore.open_or_create(path, fingerprint, manifest, 1 + recipe.count, overwrite,
-                                                with_zero_shot=teacher.adapter is not None, request=request)
+                                                with_zero_shot=teacher.adapter is not None, request=request,
+                                                top_k=cfg.cache.top_k)
             unmark_damaged(store)
         runtime.barrier()
         store = TeacherStore.open(path, mode="a")
@@ -118,12 +119,12 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
                                  skip_bad=cfg.data.on_bad_image == "skip")
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.data.num_workers, len(pending)),
                         pin_memory=runtime.device.type == "cuda")
-    rows = ShardRows(store, pending, 1 + recipe.count, with_zero_shot=teacher.adapter is not None)
+    rows = ShardRows(store, pending, 1 + recipe.count)
     first_done, first_views, in_flight = None, 0, None
     with tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
               disable=not runtime.is_main) as bar:
         for batch in loader:
-            outputs = queue_teacher(teacher, batch["images"], runtime.device)
+            outputs = queue_teacher(teacher, batch["images"], runtime.device, store.top_k)
             if in_flight is not None:  # the previous batch's logits: collected while this one runs
                 bar.update(rows.add(*in_flight))
                 first_done = first_done or time.perf_counter()
@@ -137,15 +138,21 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
     return first_done, first_views
 
 
-def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device) -> HostCopy:
-    """Queue the teacher on a batch of uint8 views (N, V, 3, S, S); its logits come back without waiting.
+def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device, top_k: int | None) -> HostCopy:
+    """Queue the teacher on a batch of uint8 views (N, V, 3, S, S); its outputs come back without waiting.
 
-    The logits of every view, plus the clean view's zero-shot logits when an adapter makes the logits.
+    The logits of every view (or, for a top-k store, their k largest with classes and log-sum-exp), plus
+    the clean view's zero-shot logits when an adapter makes the logits.
     """
     images = images.to(device, non_blocking=True)
     n, views = images.shape[:2]
     features = teacher.features(normalize(images.flatten(0, 1), teacher.mean, teacher.std))
-    outputs = {"logits": teacher.head(features).view(n, views, -1)}
+    logits = teacher.head(features).view(n, views, -1)
+    if top_k:
+        top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        outputs = {"top_values": top.values, "top_indices": top.indices, "lse": logits.logsumexp(-1)}
+    else:
+        outputs = {"logits": logits}
     if teacher.adapter is not None:  # the clean view's zero-shot logits, to report what the adapter adds
         outputs["zero_shot"] = teacher.zero_shot(features.view(n, views, -1)[:, 0])
     return HostCopy(outputs)
@@ -157,9 +164,8 @@ class ShardRows:
     One write is in flight at a time, so a failing write (a full disk) stops the run at the next shard.
     """
 
-    def __init__(self, store: TeacherStore, shards: list[Shard], views: int, with_zero_shot: bool):
-        self.store, self.shards = store, shards
-        self.views, self.with_zero_shot = views, with_zero_shot
+    def __init__(self, store: TeacherStore, shards: list[Shard], views: int):
+        self.store, self.shards, self.views = store, shards, views
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
         self.filled: dict[int, int] = {}
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
@@ -170,16 +176,22 @@ class ShardRows:
         index = batch["shard"]
         shard = self.shards[index]
         if index not in self.buffers:
-            self.buffers[index] = _empty_rows(shard.count, self.views, self.store.num_classes, self.with_zero_shot)
+            self.buffers[index] = _empty_rows(self.store, shard.count, self.views)
             self.filled[index] = 0
         values = outputs.wait()
         at = batch["rows"] - shard.first_row
-        n, views = values["logits"].shape[:2]
+        n, views = batch["boxes"].shape[:2]
         buf = self.buffers[index]
-        buf["logits"][at, :views] = values["logits"]
-        buf["logits"][at[batch["bad"]]] = np.nan
-        if "zero_shot" in values:
-            buf["zero_shot"][at] = values["zero_shot"]
+        for name, value in values.items():
+            if name == "zero_shot":  # the clean view's only
+                buf[name][at] = value
+            else:
+                buf[name][at, :views] = value
+        for name in ("logits", "top_values", "lse", "zero_shot"):  # not computed: an undecodable image
+            if name in buf:
+                buf[name][at[batch["bad"]]] = np.nan
+        if "top_indices" in buf:
+            buf["top_indices"][at[batch["bad"]]] = -1
         buf["boxes"][at, :views] = batch["boxes"]
         buf["flips"][at, :views] = batch["flips"]
         buf["labels"][at] = batch["labels"]
@@ -201,14 +213,18 @@ class ShardRows:
             self.writing = None
 
 
-def _empty_rows(count: int, views: int, classes: int, with_zero_shot: bool) -> dict[str, np.ndarray]:
+def _empty_rows(store: TeacherStore, count: int, views: int) -> dict[str, np.ndarray]:
+    """One shard's buffers of every array the store checks, filled as 'not computed'."""
+    classes, k = store.num_classes, store.top_k
     rows = {
         "logits": np.full((count, views, classes), np.nan, np.float32),
+        "top_values": np.full((count, views, k or 0), np.nan, np.float32),
+        "top_indices": np.full((count, views, k or 0), -1, np.int64),
+        "lse": np.full((count, views), np.nan, np.float32),
         "boxes": np.zeros((count, views, 4), np.float32),
         "flips": np.zeros((count, views), bool),
         "labels": np.full(count, -1, np.int16),
         "bad": np.zeros(count, bool),
+        "zero_shot": np.full((count, classes), np.nan, np.float32),
     }
-    if with_zero_shot:
-        rows["zero_shot"] = np.full((count, classes), np.nan, np.float32)
-    return rows
+    return {name: rows[name] for name in store.checked}

@@ -32,8 +32,8 @@ def teacher_accuracy(store_path: str | None, shards: list[Shard], out: HeadOutpu
         return None
     store = TeacherStore.open(store_path)
     rows = np.concatenate([np.asarray(s.rows) for s in shards])
-    logits = np.concatenate([store.read_shard(s).logits[:, CLEAN_VIEW] for s in shards]).astype(np.float32)
-    return accuracy(torch.from_numpy(logits[np.searchsorted(rows, out.rows.numpy())]), out.labels)
+    predictions = np.concatenate([store.read_shard(s).predictions()[:, CLEAN_VIEW] for s in shards])
+    return float((torch.from_numpy(predictions[np.searchsorted(rows, out.rows.numpy())]) == out.labels).float().mean())
 
 
 def report(out: HeadOutputs, alpha: float, beta: float, default_alpha: float, default_beta: float) -> dict:

@@ -29,7 +29,7 @@ from dho_pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint,
 from dho_pipeline.config import PipelineConfig, TrainConfig
 from dho_pipeline.errors import CheckpointError, DhoError, disk_full, is_disk_full, warn
 from dho_pipeline.evaluation import accuracy, combine, head_outputs, search_alpha_beta
-from dho_pipeline.losses import training_loss
+from dho_pipeline.losses import TopKLogits, training_loss
 from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
 from dho_pipeline.schedule import make_scheduler
 from dho_pipeline.shards import Manifest, load_manifest
@@ -79,8 +79,8 @@ class StepInputs:
 
     images: torch.Tensor
     labels: torch.Tensor
-    teacher_l: torch.Tensor | None
-    teacher_u: torch.Tensor | None
+    teacher_l: torch.Tensor | TopKLogits | None
+    teacher_u: torch.Tensor | TopKLogits | None
     rows: torch.Tensor
 
 
@@ -243,7 +243,10 @@ class StepFeed:
         x = normalize(batch["images"].to(self.device, non_blocking=True), self.data.mean, self.data.std)
         return x.contiguous(memory_format=torch.channels_last) if self.tc.channels_last else x
 
-    def _teacher_logits(self, batch: dict) -> torch.Tensor:
+    def _teacher_logits(self, batch: dict) -> torch.Tensor | TopKLogits:
+        if "teacher_top_values" in batch:  # a top-k store
+            return TopKLogits(batch["teacher_top_values"], batch["teacher_top_indices"],
+                              batch["teacher_lse"]).to(self.device, non_blocking=True)
         if self.teacher is None:
             return batch["teacher_logits"].to(self.device, non_blocking=True)
         images = batch["teacher_images"].to(self.device, non_blocking=True)  # the teacher runs in teacher.dtype
