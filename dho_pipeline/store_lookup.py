@@ -53,6 +53,8 @@ def expected_without_weights(cfg: PipelineConfig, manifest: Manifest) -> dict:
     }
     if sha:
         teacher["checkpoint_sha256"] = sha
+    if cfg.teacher.dtype != "auto":  # auto depends on the machine that ran stage one
+        teacher["dtype"] = cfg.teacher.dtype
     return build_fingerprint(teacher, dataclasses.asdict(view_recipe(cfg)), manifest, cfg.cache.top_k)
 
 
@@ -137,5 +139,7 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
     if not matching:
         raise FileNotFoundError(f"no teacher store under {root} matches this config: "
                                 "run `dho cache-teacher` with it first (or set cache.store)")
-    raise ValueError(f"several stores under {root} match this config ({', '.join(s.path.name for s in matching)}): "
-                     "set cache.store to the one to use")
+    differ = sorted({f for other in matching[1:] for f in fingerprint_diff(matching[0].fingerprint, other.fingerprint)})
+    raise StoreError(f"several stores under {root} match this config ({', '.join(s.path.name for s in matching)}; "
+                     f"they differ in {', '.join(differ)}): set cache.store to the one to use"
+                     + (" or teacher.dtype" if "teacher.dtype" in differ else ""))

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from dho_pipeline.config import load_config
 from dho_pipeline.shards import load_manifest
-from dho_pipeline.store_lookup import view_recipe
+from dho_pipeline.store import StoreError
+from dho_pipeline.store_lookup import find_store, view_recipe
 from dho_pipeline.teacher import _create_model, checkpoint_sha256, load_teacher
 from dho_pipeline.teacher_views import TeacherViewBatches
 from dho_pipeline.views import normalize
@@ -95,3 +96,14 @@ def test_rerun_of_a_finished_store_does_not_build_the_teacher(cached_store, shar
         assert "already complete" in report.summary()
     with pytest.raises(AssertionError, match="the teacher was built"):  # another request builds it
         cache_teacher.run(load_config(config, [f"cache.store={cached_store}", "views.seed=1"]))
+
+
+def test_stores_of_two_dtypes_are_told_apart_by_stage_two(shards_dir, teacher_file, tmp_path):
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file)
+    paths = {dtype: cache_teacher.run(load_config(config, [f"teacher.dtype={dtype}"])).path
+             for dtype in ("fp32", "bf16")}
+    manifest = load_manifest(shards_dir)
+    with pytest.raises(StoreError, match="they differ in teacher.dtype.*or teacher.dtype"):
+        find_store(load_config(config), manifest)
+    for dtype, path in paths.items():
+        assert find_store(load_config(config, [f"teacher.dtype={dtype}"]), manifest).path == path
