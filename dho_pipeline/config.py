@@ -202,6 +202,7 @@ def _validate(cfg: PipelineConfig) -> None:
         (cfg.train.batch_unlabelled >= 1, "train.batch_unlabelled", "must be >= 1"),
         (cfg.train.steps is not None or cfg.train.epochs is not None, "train.epochs", "set epochs or steps"),
         (cfg.teacher.batch_size >= 1, "teacher.batch_size", "must be >= 1"),
+        (cfg.cache.top_k is None or cfg.cache.top_k >= 1, "cache.top_k", "must be >= 1, or null for every logit"),
         (cfg.teacher.adapter.augment_epochs >= 1, "teacher.adapter.augment_epochs", "must be >= 1"),
         (cfg.teacher.adapter.search_a_steps >= 1, "teacher.adapter.search_a_steps", "must be >= 1"),
         (cfg.teacher.adapter.search_b_steps >= 1, "teacher.adapter.search_b_steps", "must be >= 1"),
