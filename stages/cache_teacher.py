@@ -70,9 +70,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     recipe = view_recipe(cfg)
     request = fingerprint_hash(stage_one_request(cfg, manifest, runtime.device))
     if not overwrite:
-        done = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
-        if done is not None:
-            return StageOneReport(done, seconds=time.perf_counter() - started, already_complete=True)
+        finished = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
+        if finished is not None:
+            return StageOneReport(finished, seconds=time.perf_counter() - started, already_complete=True)
 
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
     attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
@@ -119,7 +119,7 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
                                  skip_bad=cfg.data.on_bad_image == "skip")
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.data.num_workers, len(pending)),
                         pin_memory=runtime.device.type == "cuda")
-    rows = ShardRows(store, pending, 1 + recipe.count)
+    rows = ShardBuffers(store, pending, 1 + recipe.count)
     first_done, first_views, in_flight = None, 0, None
     with tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
               disable=not runtime.is_main) as bar:
@@ -158,7 +158,7 @@ def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device, 
     return HostCopy(outputs)
 
 
-class ShardRows:
+class ShardBuffers:
     """Per-shard row buffers filled batch by batch; a full shard is written by a background thread.
 
     One write is in flight at a time, so a failing write (a full disk) stops the run at the next shard.
