@@ -120,7 +120,7 @@ def completion_kl(logits: torch.Tensor, k: int, temperature: float) -> torch.Ten
     completion = rest.expand_as(p).clone().scatter(-1, top.indices, top.values)
     log_p = (p.log() / temperature).log_softmax(-1)
     log_c = (completion.clamp(min=1e-30).log() / temperature).log_softmax(-1)
-    return (log_p.exp() * (log_p - log_c)).sum(-1)
+    return torch.where(torch.isneginf(log_p), 0.0, log_p.exp() * (log_p - log_c)).sum(-1)  # 0 log 0 = 0
 
 
 def logit_bytes_per_view(store: TeacherStore) -> float:
