@@ -62,7 +62,7 @@ class TeacherConfig:
 
 @dataclass
 class ViewConfig:
-    count: int = 8  # K random views per labelled/unlabelled image (plus one clean view)
+    count: int = 10  # K random views per labelled/unlabelled image (plus one clean view); >= train.epochs
     scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip: bool = True

@@ -170,6 +170,16 @@ def test_online_and_cached_modes_give_the_same_first_step(cached_store, shards_d
         assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-3), key
 
 
+@pytest.mark.parametrize(("method", "steps", "warned"), [("dho", 40, True), ("dho", 24, False), ("ce_only", 40, False)])
+def test_a_run_that_outlasts_the_stores_views_is_warned(method, steps, warned, cached_store, shards_dir, teacher_file,
+                                                        tmp_path, capsys):
+    # 120 unlabelled images, 16 a step: 8 steps a pass; the store has 3 random views of each
+    cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=steps, method=method))
+    train_student.run(cfg, max_steps=1)
+    message = f"makes {steps / 8:g} passes over the unlabelled images but the store holds 3 random views"
+    assert (message in capsys.readouterr().err) == warned
+
+
 def test_train_student_refuses_a_store_of_other_views(cached_store, shards_dir, teacher_file, tmp_path):
     cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store), ["views.count=5"])
     with pytest.raises(ValueError, match=r"views\.count"):
