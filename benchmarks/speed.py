@@ -120,7 +120,7 @@ def measure(work: Path, device: str, s: dict, source: IdxSource, jpegs: int, out
     config = write_config(work, write_shards(source, splits, work / "shards", shard_size=256).root, teacher_file, s,
                           device)
     cfg = load_config(config)
-    names = load_manifest(cfg.path(cfg.data.shards)).class_names
+    names = load_manifest(cfg.location(cfg.data.shards)).class_names
 
     results.record("stage_one", lambda: stage_one(config))
     results.record("teacher_forward", lambda: bare_forward(config, names, device))

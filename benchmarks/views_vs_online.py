@@ -179,7 +179,7 @@ def stage_one(config: Path, record_path: Path, k: int, log=print) -> dict:
     cfg = load_config(config, [f"views.count={k}"])
     if record is None:
         try:
-            find_store(cfg, load_manifest(cfg.path(cfg.data.shards)))
+            find_store(cfg, load_manifest(cfg.location(cfg.data.shards)))
             existed = True  # left by a killed invocation: the time measured now is not all of it
         except FileNotFoundError:
             existed = False

@@ -11,11 +11,26 @@ import click
 
 from dho_pipeline.config import ConfigError, PipelineConfig, load_config
 from dho_pipeline.errors import human_bytes
+from dho_pipeline.locations import Location, UrlPath, is_url
 
 CONFIG_HELP = "The experiment file (see pipeline.yaml in the repository)."
 SET_HELP = "Override one config key, e.g. --set train.lr=5e-4 (repeatable)."
 config_option = click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                              help=CONFIG_HELP)
+
+
+class PathOrUrl(click.ParamType):
+    """A local path (checked as click.Path checks it) or an fsspec URL such as s3://bucket/shards (checked on use)."""
+
+    name = "path_or_url"
+
+    def __init__(self, **path_checks):
+        self.local = click.Path(path_type=Path, **path_checks)
+
+    def convert(self, value, param, ctx) -> Location:
+        if isinstance(value, (Path, UrlPath)):
+            return value
+        return UrlPath(value) if is_url(value) else self.local.convert(value, param, ctx)
 
 
 def experiment_options(command: Callable) -> Callable:
@@ -71,7 +86,7 @@ def main(debug: bool) -> None:
 
 @main.command("make-shards")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=PathOrUrl(file_okay=False))
 @click.option("--shots", type=click.IntRange(min=1), help="Labelled images per class (few-shot).")
 @click.option("--percent", type=click.FloatRange(0, 100, min_open=True), help="Labelled percent, per class.")
 @click.option("--val-per-class", type=click.IntRange(min=0), default=0, show_default=True,
@@ -84,14 +99,15 @@ def main(debug: bool) -> None:
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Samples per shard; also the row chunk of the teacher store.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the split.")
-def make_shards(source: Path, out: Path, shots: int | None, percent: float | None, val_per_class: int,
+def make_shards(source: Path, out: Location, shots: int | None, percent: float | None, val_per_class: int,
                 test_per_class: int | None, max_train_per_class: int | None, shard_size: int, seed: int) -> None:
     """Write labelled / unlabelled / val / test WebDataset shards from SOURCE into OUT.
 
     SOURCE is an ImageFolder tree (one folder per class, optionally under train/ and test/) or a
     Fashion-MNIST idx directory. Give --shots or --percent; every other training image goes to the
     unlabelled split (its label is kept for reporting only). OUT/manifest.json lists the classes,
-    the shards with their sizes and sha256, and the counts per split.
+    the shards with their sizes and sha256, and the counts per split. OUT may be an object-store URL
+    (s3://bucket/shards, gs://...): the shards are written locally first, then uploaded, the manifest last.
     """
     from dho_pipeline.shards import write_shards
     from dho_pipeline.sources import open_source
@@ -148,7 +164,7 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
     cfg = _config(config, overrides)
     if cfg.teacher.kind == "zero-shot":
         raise click.UsageError("teacher.kind is zero-shot: set it to tip-adapter or tip-adapter-f")
-    manifest = load_manifest(cfg.path(cfg.data.shards))
+    manifest = load_manifest(cfg.location(cfg.data.shards))
     device = pick_device(cfg.train.device)
     teacher = load_teacher(cfg.teacher, manifest.class_names, device, cfg.base_dir)
     path = out or adapter_path(cfg, teacher.fingerprint, manifest)
@@ -158,14 +174,14 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
 
 @main.group("cache")
 def cache() -> None:
-    """Look after teacher stores: list them, inspect one, verify (and repair) one."""
+    """Look after teacher stores: list them, inspect one, verify (and repair) one, copy one elsewhere."""
 
 
 @cache.command("inspect")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=PathOrUrl(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cache_inspect(store: Path, as_json: bool) -> None:
-    """Size, progress, fingerprint and teacher accuracy of STORE (from the stored logits)."""
+def cache_inspect(store: Location, as_json: bool) -> None:
+    """Size, progress, fingerprint and teacher accuracy of STORE (a folder or a URL such as s3://bucket/x.zarr)."""
     from dho_pipeline.store_report import summarize
 
     s = summarize(store, progress=not as_json)
@@ -195,11 +211,11 @@ def cache_inspect(store: Path, as_json: bool) -> None:
 
 
 @cache.command("verify")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=PathOrUrl(exists=True, file_okay=False))
 @click.option("--repair", is_flag=True, help="Recompute damaged and unfinished shards with the teacher (needs -c).")
 @experiment_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cache_verify(store: Path, repair: bool, config: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
+def cache_verify(store: Location, repair: bool, config: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """Check every shard of STORE against the checksums written with it.
 
     A shard is damaged when one of its chunks is missing, truncated, overwritten or unreadable. Exit
@@ -215,7 +231,8 @@ def cache_verify(store: Path, repair: bool, config: Path | None, overrides: tupl
             raise click.UsageError("--repair recomputes shards with the teacher: give the store's config with -c")
         from stages import cache_teacher
 
-        cache_teacher.run(_config(config, (*overrides, f"cache.store={store.resolve()}")))
+        where = store if isinstance(store, UrlPath) else store.resolve()
+        cache_teacher.run(_config(config, (*overrides, f"cache.store={where}")))
     report = verify(TeacherStore.open(store), progress=not as_json)
     if as_json:
         click.echo(json.dumps(report, indent=1))
@@ -230,17 +247,38 @@ def cache_verify(store: Path, repair: bool, config: Path | None, overrides: tupl
         raise SystemExit(1)
 
 
+@cache.command("copy")
+@click.argument("source", type=PathOrUrl(exists=True, file_okay=False))
+@click.argument("destination", type=PathOrUrl(file_okay=False))
+def cache_copy(source: Location, destination: Location) -> None:
+    """Copy the store SOURCE to DESTINATION: local folders and object-store URLs, either way.
+
+    \b
+      dho cache copy cache/vit-l-14-3f07ca3dcc57.zarr s3://team-bucket/cache/vit-l-14-3f07ca3dcc57.zarr
+      dho cache copy s3://team-bucket/cache/vit-l-14-3f07ca3dcc57.zarr /scratch/cache/vit-l.zarr
+
+    Only shards the source has finished are copied, each verified against its checksums as it is read.
+    Resumable: after a kill, the same command copies what is missing. At the end the destination must have
+    the source's fingerprint and done mask, and every shard must verify. Credentials come from the
+    environment (AWS_* variables, ~/.aws, gcloud), as fsspec reads them.
+    """
+    from dho_pipeline.store_copy import copy_store
+
+    click.echo(copy_store(source, destination).summary())
+
+
 @cache.command("list")
 @config_option
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of stores (default: cache.root).")
-def cache_list(config: Path | None, root: Path | None) -> None:
-    """The stores under cache.root with teacher, classes, views, rows, done fraction and size."""
+@click.option("--root", type=PathOrUrl(file_okay=False),
+              help="Folder or URL of stores (default: cache.root).")
+def cache_list(config: Path | None, root: Location | None) -> None:
+    """The stores under cache.root (or --root, e.g. s3://bucket/cache) with teacher, classes, views, rows,
+    done fraction and size."""
     from dho_pipeline.store_report import list_stores
 
     if root is None:
         cfg = _config(config, ())
-        root = cfg.path(cfg.cache.root)
+        root = cfg.location(cfg.cache.root)
     stores = list_stores(root)
     if not stores:
         click.echo(f"no stores under {root}")

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from dho_pipeline.errors import DhoError
+from dho_pipeline.locations import Location, UrlPath, location
 
 
 class ConfigError(DhoError, ValueError):
@@ -20,7 +21,7 @@ class ConfigError(DhoError, ValueError):
 
 @dataclass
 class DataConfig:
-    shards: str = "shards"  # directory written by `dho make-shards` (holds manifest.json)
+    shards: str = "shards"  # folder or URL written by `dho make-shards` (holds manifest.json)
     num_workers: int = 2
     on_bad_image: Literal["error", "skip"] = "error"
 
@@ -134,6 +135,11 @@ class PipelineConfig:
         """Resolve a path from the config relative to the config file's folder."""
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base_dir / p
+
+    def location(self, value: str) -> Location:
+        """A folder of shards or stores, or a store: a URL as it is, a local path as `path` resolves it."""
+        where = location(value)
+        return where if isinstance(where, UrlPath) else self.path(str(where))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from dho_pipeline.errors import DhoError
+from dho_pipeline.locations import Location, UrlPath, location
 from dho_pipeline.sources import IdxSource, ImageFolderSource, Item
 
 SPLITS = ("labelled", "unlabelled", "val", "test")
@@ -39,7 +41,7 @@ class Shard:
     """
 
     split: str
-    path: Path
+    path: Location
     first_row: int
     count: int
     sha256: str
@@ -58,7 +60,7 @@ class Shard:
 class Manifest:
     """What `make-shards` wrote: class names, shard size and the shards of every split."""
 
-    root: Path
+    root: Location
     class_names: list[str]
     shard_size: int
     splits: dict[str, list[Shard]]
@@ -94,9 +96,9 @@ class Manifest:
                                      "the file was truncated or replaced after make-shards")
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
+def sha256_file(path: Location, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
@@ -105,7 +107,7 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 def write_shards(
     source: IdxSource | ImageFolderSource,
     splits: dict[str, list[Item]],
-    out: Path,
+    out: Location,
     *,
     shard_size: int = 1000,
     info: dict | None = None,
@@ -114,13 +116,20 @@ def write_shards(
 
     Every split starts at a row that is a multiple of `shard_size`, so a shard is exactly one chunk
     of the teacher-logit store. Each sample holds the image bytes as found, `cls` and its global row `id`.
-    The same splits always give the same bytes.
+    The same splits always give the same bytes. `out` may be a URL: the shards are written to a local
+    temporary folder, then uploaded, the manifest last (a folder without one is not a shard set).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = location(out)
     if (out / MANIFEST).exists():
         raise FileExistsError(f"{out / MANIFEST} exists: shards are immutable once a store refers to them; "
                               "write to a new directory")
+    if isinstance(out, UrlPath):
+        if not out.writable:
+            raise ValueError(f"{out}: {out.protocol}:// is read-only; write shards to a local folder or an object "
+                             "store")
+        with tempfile.TemporaryDirectory(prefix="dho-shards-") as staging:
+            return upload_shards(write_shards(source, splits, Path(staging), shard_size=shard_size, info=info), out)
+    out.mkdir(parents=True, exist_ok=True)
     next_row = 0
     shards: dict[str, list[Shard]] = {}
     total = sum(len(v) for v in splits.values())
@@ -151,6 +160,15 @@ def write_shards(
     return manifest
 
 
+def upload_shards(manifest: Manifest, out: UrlPath) -> Manifest:
+    """Copy a local shard set to `out`, shard by shard, the manifest last; returns the manifest at `out`."""
+    shards = manifest.shards()
+    for shard in tqdm(shards, desc=f"upload to {out}", unit="shard", leave=False):
+        out.fs.put_file(str(shard.path), (out / shard.name).path)
+    out.fs.put_file(str(manifest.root / MANIFEST), (out / MANIFEST).path)
+    return load_manifest(out)
+
+
 def save_manifest(manifest: Manifest) -> None:
     doc = {
         "format": MANIFEST_FORMAT,
@@ -169,9 +187,9 @@ def save_manifest(manifest: Manifest) -> None:
     (manifest.root / MANIFEST).write_text(json.dumps(doc, indent=1))
 
 
-def load_manifest(root: Path) -> Manifest:
-    """Read `root/manifest.json`; a missing or foreign file gets an error that says what to run."""
-    root = Path(root)
+def load_manifest(root: Location | str) -> Manifest:
+    """Read `root/manifest.json` (a folder or a URL); a missing or foreign file gets an error that says what to run."""
+    root = location(root)
     path = root / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: make shards first with `dho make-shards SOURCE {root}`")

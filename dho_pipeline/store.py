@@ -21,6 +21,7 @@ missing (read back as fill), truncated or overwritten is found, named, and recom
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,6 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ import zarr
 from tqdm import tqdm
 
 from dho_pipeline.errors import DhoError, disk_full, is_disk_full, one_line
+from dho_pipeline.locations import STORAGE_OPTIONS, Location, UrlPath, location
 from dho_pipeline.shards import Manifest, Shard
 
 STORE_FORMAT = "dho-teacher-store/2"  # dense logits
@@ -73,16 +74,26 @@ def fingerprint_diff(stored: dict, expected: dict, prefix: str = "") -> list[str
     return fields
 
 
-def default_store_path(root: Path, fingerprint: dict) -> Path:
+def default_store_path(root: Location, fingerprint: dict) -> Location:
     """<root>/<teacher model>-<12 hex of the fingerprint>.zarr: same settings, same store."""
     model = str(fingerprint["teacher"]["model"]).replace("/", "_").replace(":", "_")
-    return Path(root) / f"{model}-{fingerprint_hash(fingerprint)[:12]}.zarr"
+    return location(root) / f"{model}-{fingerprint_hash(fingerprint)[:12]}.zarr"
 
 
 def digest(values: np.ndarray) -> int:
     """CRC-32 of an array's bytes as stored (dtype, C order): 2.5 GB/s here, 4x BLAKE2b, and ample to catch
     damage (benchmarks/integrity_cost.py)."""
     return zlib.crc32(np.ascontiguousarray(values).data)
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """Shape, chunks, dtype and fill value of one array of a store."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    fill_value: object
 
 
 @dataclass(frozen=True)
@@ -132,8 +143,8 @@ class ShardRows:
 class TeacherStore:
     """A Zarr group of teacher outputs keyed by global row id."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path: Location, group: zarr.Group):
+        self.path = location(path)
         self.group = group
 
     @property
@@ -170,7 +181,7 @@ class TeacherStore:
         return list(self.attrs["checked"])
 
     @classmethod
-    def create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
+    def create(cls, path: Location, fingerprint: dict, manifest: Manifest, num_views: int,
                with_zero_shot: bool = False, request: str | None = None, top_k: int | None = None) -> TeacherStore:
         """Build the store beside `path` and rename it into place: a kill leaves nothing or a whole store.
 
@@ -179,11 +190,6 @@ class TeacherStore:
         largest logits (see the module docstring). Call with the store's write lock held (store_lock.py);
         `path` must not exist.
         """
-        path = Path(path)
-        for leftover in path.parent.glob(f"{path.name}.creating-*"):  # from writers killed while creating
-            shutil.rmtree(leftover, ignore_errors=True)
-        building = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:8]}")
-        group = zarr.open_group(str(building), mode="w")
         rows, chunk, classes = manifest.num_rows, manifest.shard_size, len(manifest.class_names)
         logit_arrays = TOPK_LOGITS if top_k else DENSE_LOGITS
         checked = [*logit_arrays, *VIEW_ARRAYS] + (["zero_shot"] if with_zero_shot else [])
@@ -200,12 +206,10 @@ class TeacherStore:
         }
         if with_zero_shot:
             specs["zero_shot"] = ((rows, classes), "float16", np.nan)
-        specs = {name: spec for name, spec in specs.items() if name in (*checked, "done")}
-        for name, (shape, dtype, fill) in specs.items():
-            group.create_array(name, shape=shape, chunks=(chunk,) + shape[1:], dtype=dtype, fill_value=fill)
-        group.create_array("checksums", shape=(-(-rows // chunk), len(checked)), chunks=(1, len(checked)),
-                           dtype="uint32", fill_value=0)
-        group.attrs.update({
+        layout = {name: ArrayLayout(shape, (chunk,) + shape[1:], dtype, fill)
+                  for name, (shape, dtype, fill) in specs.items() if name in (*checked, "done")}
+        layout["checksums"] = ArrayLayout((-(-rows // chunk), len(checked)), (1, len(checked)), "uint32", 0)
+        return cls._build(path, layout, {
             "format": TOPK_STORE_FORMAT if top_k else STORE_FORMAT,
             "fingerprint": fingerprint,
             "fingerprint_hash": fingerprint_hash(fingerprint),
@@ -215,17 +219,39 @@ class TeacherStore:
             "request": request,
             "top_k": top_k,
         })
-        os.rename(building, path)
+
+    @classmethod
+    def create_like(cls, source: TeacherStore, path: Location) -> TeacherStore:
+        """An empty store at `path` with the arrays and attributes of `source` (`dho cache copy`)."""
+        return cls._build(path, source.layout(), source.attrs)
+
+    def layout(self) -> dict[str, ArrayLayout]:
+        return {name: ArrayLayout(a.shape, a.chunks, str(a.dtype), a.fill_value) for name, a in self.group.arrays()}
+
+    @classmethod
+    def _build(cls, path: Location, layout: dict[str, ArrayLayout], attrs: dict) -> TeacherStore:
+        """Create the arrays and attributes beside `path`, then publish them there whole (see `_publish`)."""
+        path = location(path)
+        for leftover in path.parent.glob(f"{path.name}.creating-*"):  # from writers killed while creating
+            with contextlib.suppress(OSError):
+                _remove(leftover)
+        building = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:8]}")
+        group = _zarr_group(building, mode="w")
+        for name, array in layout.items():
+            group.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
+                               fill_value=array.fill_value)
+        group.attrs.update(attrs)
+        _publish(building, path)
         return cls.open(path, mode="a")
 
     @classmethod
-    def open(cls, path: Path, mode: str = "r") -> TeacherStore:
-        """Open a finished store; anything else at `path` raises a StoreError that says what it is."""
-        path = Path(path)
+    def open(cls, path: Location | str, mode: str = "r") -> TeacherStore:
+        """Open a finished store (folder or URL); anything else at `path` raises a StoreError that says what it is."""
+        path = location(path)
         if not (path / "zarr.json").exists():
             raise FileNotFoundError(f"{path}: no teacher store here (run `dho cache-teacher` first)")
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = _zarr_group(path, mode=mode)
             found = group.attrs.get("format")
         except Exception as e:
             raise StoreError(f"{path}: unreadable store metadata ({one_line(e)})") from None
@@ -243,7 +269,7 @@ class TeacherStore:
         return store
 
     @classmethod
-    def open_or_create(cls, path: Path, fingerprint: dict, manifest: Manifest, num_views: int,
+    def open_or_create(cls, path: Location, fingerprint: dict, manifest: Manifest, num_views: int,
                        overwrite: bool = False, with_zero_shot: bool = False,
                        request: str | None = None, top_k: int | None = None) -> TeacherStore:
         """Reuse a store made from the same fingerprint, refuse another one unless `overwrite`.
@@ -251,7 +277,7 @@ class TeacherStore:
         An interrupted creation (metadata without attributes or data) is replaced; with `overwrite`,
         anything at `path` is. Call with the store's write lock held.
         """
-        path = Path(path)
+        path = location(path)
         if path.exists() or path.is_symlink():
             try:
                 store = cls.open(path, mode="a")
@@ -335,10 +361,19 @@ class TeacherStore:
 
     def read_shard(self, shard: Shard | StoreShard) -> ShardRows:
         """The shard's rows, checked against their checksums; raises StoreError naming array and shard."""
+        arrays = self._verified(shard)
+        return ShardRows(**{name: arrays[name] for name in self.arrays})
+
+    def read_checked_arrays(self, shard: Shard | StoreShard) -> dict[str, np.ndarray]:
+        """Every checked array's rows of the shard (what write_shard takes), verified; raises StoreError."""
+        arrays = self._verified(shard)
+        return {name: arrays[name] for name in self.checked}
+
+    def _verified(self, shard: Shard | StoreShard) -> dict[str, np.ndarray]:
         arrays, problem = self._read_checked(shard)
         if problem:
             raise self._unusable(shard, problem)
-        return ShardRows(**{name: arrays[name] for name in self.arrays})
+        return arrays
 
     def require_intact(self, shards: list[Shard]) -> None:
         """Verify `shards` up front; raise StoreError naming the first that is damaged or not computed yet."""
@@ -396,6 +431,8 @@ class TeacherStore:
         }
 
     def bytes_on_disk(self) -> int:
+        if isinstance(self.path, UrlPath):
+            return self.path.total_bytes()
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
@@ -406,7 +443,21 @@ def _rows(shard: Shard | StoreShard) -> slice:
     return slice(shard.first_row, shard.first_row + shard.count)
 
 
-def _interrupted_creation(path: Path) -> bool:
+def stores_under(root: Location) -> list[Location]:
+    """The *.zarr folders under a cache root, by name; an https:// root cannot be listed: name the store."""
+    if isinstance(root, UrlPath) and not root.writable:
+        raise ValueError(f"cache.root: {root} cannot be listed over {root.protocol}://; "
+                         "set cache.store to the store's URL")
+    return sorted(root.glob("*.zarr"), key=str)
+
+
+def _zarr_group(path: Location, mode: str) -> zarr.Group:
+    if isinstance(path, UrlPath):
+        return zarr.open_group(path.url, mode=mode, storage_options=STORAGE_OPTIONS)
+    return zarr.open_group(str(path), mode=mode)
+
+
+def _interrupted_creation(path: Location) -> bool:
     """A zarr group whose creation stopped before its attributes: metadata files only, nothing to lose."""
     if not (path / "zarr.json").is_file():
         return False
@@ -414,14 +465,36 @@ def _interrupted_creation(path: Path) -> bool:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
     except ValueError:
         return False
-    return "format" not in attrs and all(f.name == "zarr.json" for f in path.rglob("*") if f.is_file())
+    return "format" not in attrs and all(f.name == "zarr.json" for f in _files(path))
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+def _files(path: Location) -> list[Location]:
+    return path.files() if isinstance(path, UrlPath) else [f for f in path.rglob("*") if f.is_file()]
+
+
+def _remove(path: Location) -> None:
+    if isinstance(path, UrlPath):
+        path.remove()
+    elif path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def _publish(building: Location, path: Location) -> None:
+    """Move a just-created store (metadata files only) to `path` so that it appears whole or not at all.
+
+    Locally, one rename. An object store has no rename: the metadata objects are copied, the group's
+    zarr.json (whose attributes make it a teacher store) last, then the building copy is removed.
+    """
+    if not isinstance(building, UrlPath):
+        os.rename(building, path)
+        return
+    group_json = building / "zarr.json"
+    files = sorted(_files(building), key=lambda f: f == group_json)
+    for f in files:
+        building.fs.copy(f.path, path.path + f.url[len(building.url):])
+    _remove(building)
 
 
 def build_fingerprint(teacher: dict, views: dict, manifest: Manifest, top_k: int | None = None) -> dict:

@@ -11,6 +11,7 @@ import torch
 
 from dho_pipeline.config import PipelineConfig
 from dho_pipeline.errors import one_line, warn
+from dho_pipeline.locations import Location
 from dho_pipeline.shards import Manifest, sha256_file
 from dho_pipeline.store import (
     StoreError,
@@ -19,6 +20,7 @@ from dho_pipeline.store import (
     build_fingerprint,
     default_store_path,
     fingerprint_diff,
+    stores_under,
 )
 from dho_pipeline.store_lock import store_write_lock
 from dho_pipeline.teacher import register_model_configs, resolve_pretrained, teacher_dtype
@@ -31,11 +33,11 @@ def view_recipe(cfg: PipelineConfig) -> ViewRecipe:
     return ViewRecipe(v.count, tuple(v.scale), tuple(v.ratio), v.flip, v.seed)
 
 
-def store_path(cfg: PipelineConfig, fingerprint: dict) -> Path:
+def store_path(cfg: PipelineConfig, fingerprint: dict) -> Location:
     """cache.store when set, else a name derived from the fingerprint under cache.root."""
     if cfg.cache.store:
-        return cfg.path(cfg.cache.store)
-    return default_store_path(cfg.path(cfg.cache.root), fingerprint)
+        return cfg.location(cfg.cache.store)
+    return default_store_path(cfg.location(cfg.cache.root), fingerprint)
 
 
 def expected_without_weights(cfg: PipelineConfig, manifest: Manifest) -> dict:
@@ -68,8 +70,8 @@ def stage_one_request(cfg: PipelineConfig, manifest: Manifest, device: torch.dev
     register_model_configs(cfg.path(tc.model_config_dir) if tc.model_config_dir else None)
     pretrained, sha = resolve_pretrained(tc.pretrained, cfg.base_dir)
     adapter = dataclasses.asdict(tc.adapter)
-    if tc.adapter.file and cfg.path(tc.adapter.file).is_file():
-        adapter["file"] = sha256_file(cfg.path(tc.adapter.file))
+    if tc.adapter.file and cfg.location(tc.adapter.file).is_file():
+        adapter["file"] = sha256_file(cfg.location(tc.adapter.file))
     teacher = {
         "model": tc.model,
         "model_config": open_clip.get_model_config(tc.model),
@@ -88,13 +90,13 @@ def stage_one_request(cfg: PipelineConfig, manifest: Manifest, device: torch.dev
     return build_fingerprint(teacher, dataclasses.asdict(view_recipe(cfg)), manifest, cfg.cache.top_k)
 
 
-def finished_store(cfg: PipelineConfig, request: str) -> Path | None:
+def finished_store(cfg: PipelineConfig, request: str) -> Location | None:
     """The store made for `request` (a stage_one_request hash) when every shard is computed and verifies.
 
     None when there is none, or it is unfinished or damaged: stage one then builds the teacher and
     completes or repairs it. The check holds the store's write lock, so it never races a writer.
     """
-    paths = [cfg.path(cfg.cache.store)] if cfg.cache.store else sorted(cfg.path(cfg.cache.root).glob("*.zarr"))
+    paths = [cfg.location(cfg.cache.store)] if cfg.cache.store else stores_under(cfg.location(cfg.cache.root))
     for path in paths:
         try:
             store = TeacherStore.open(path)
@@ -121,14 +123,14 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
     """
     expected = expected_without_weights(cfg, manifest)
     if cfg.cache.store:
-        store = TeacherStore.open(cfg.path(cfg.cache.store))
+        store = TeacherStore.open(cfg.location(cfg.cache.store))
         fields = _mismatch(store, expected)
         if fields:
             raise StoreMismatch(f"{store.path}: made with other settings; fields that differ: {', '.join(fields)}")
         return store
-    root = cfg.path(cfg.cache.root)
+    root = cfg.location(cfg.cache.root)
     candidates = []
-    for path in sorted(root.glob("*.zarr")):
+    for path in stores_under(root):
         try:
             candidates.append(TeacherStore.open(path))
         except (StoreError, FileNotFoundError) as e:

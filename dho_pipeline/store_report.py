@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from dho_pipeline.errors import one_line
-from dho_pipeline.store import NOT_DONE, StoreError, StoreShard, TeacherStore
+from dho_pipeline.locations import Location, location
+from dho_pipeline.store import NOT_DONE, StoreError, StoreShard, TeacherStore, stores_under
 from dho_pipeline.views import CLEAN_VIEW
 
 UNLABELLED_SAMPLE = 10_000  # unlabelled rows the teacher's accuracy is reported on (the split can be huge)
@@ -57,7 +56,7 @@ def verify(store: TeacherStore, progress: bool = False) -> dict:
     }
 
 
-def summarize(path: Path, progress: bool = False) -> dict:
+def summarize(path: Location, progress: bool = False) -> dict:
     """Size, progress, integrity, fingerprint and teacher accuracy per split of the store at `path`.
 
     Every shard is verified; progress (`done_fraction`) and accuracies count intact shards only.
@@ -94,10 +93,10 @@ def summarize(path: Path, progress: bool = False) -> dict:
     }
 
 
-def list_stores(root: Path) -> list[dict]:
+def list_stores(root: Location) -> list[dict]:
     """A short summary of every store directly under `root`, from its marks (inspect/verify check the chunks)."""
     found = []
-    for path in sorted(Path(root).glob("*.zarr")):
+    for path in stores_under(location(root)):
         try:
             store = TeacherStore.open(path)
             shards = store.shards()

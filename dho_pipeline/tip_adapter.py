@@ -12,7 +12,6 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import AdapterConfig, PipelineConfig
+from dho_pipeline.locations import Location, UrlPath, location
 from dho_pipeline.runtime import Runtime
 from dho_pipeline.shards import Manifest, Shard
 from dho_pipeline.store_lookup import view_recipe
@@ -156,23 +156,26 @@ def train_keys(keys: torch.Tensor, values: torch.Tensor, train: torch.Tensor, la
     return best_keys
 
 
-def save_adapter(path: Path, adapter: TipAdapter, teacher_fingerprint: dict, report: dict) -> str:
+def save_adapter(path: Location, adapter: TipAdapter, teacher_fingerprint: dict, report: dict) -> str:
     """Write the adapter with the fingerprint of the teacher it belongs to; returns its sha256."""
-    path = Path(path)
+    path = location(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({"format": ADAPTER_FORMAT, "kind": adapter.kind, "keys": adapter.keys, "values": adapter.values,
                 "a": adapter.a, "b": adapter.b, "teacher": teacher_fingerprint, "report": report}, buf)
     data = buf.getvalue()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    if isinstance(path, UrlPath):
+        path.write_bytes(data)  # one PUT: whole or nothing
+    else:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
     return hashlib.sha256(data).hexdigest()
 
 
-def load_adapter(path: Path, teacher_fingerprint: dict) -> tuple[TipAdapter, str]:
+def load_adapter(path: Location, teacher_fingerprint: dict) -> tuple[TipAdapter, str]:
     """Read an adapter file; refuse one fitted for another teacher. Returns it and its sha256."""
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher.adapter.file: {path} not found (make one with `dho fit-adapter`)")
     data = path.read_bytes()
@@ -188,7 +191,7 @@ def load_adapter(path: Path, teacher_fingerprint: dict) -> tuple[TipAdapter, str
     return adapter, hashlib.sha256(data).hexdigest()
 
 
-def fit_and_save(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, path: Path, device: torch.device,
+def fit_and_save(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, path: Location, device: torch.device,
                  log: Callable[[str], None] = print) -> tuple[str, dict]:
     """Fit the adapter teacher.kind asks for and write it to `path`; returns its sha256 and the fit report."""
     adapter, report = fit_adapter(teacher, manifest, view_recipe(cfg), cfg.teacher.kind, cfg.teacher.adapter,
@@ -196,14 +199,14 @@ def fit_and_save(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, path
     return save_adapter(path, adapter, teacher.fingerprint, report), report
 
 
-def adapter_path(cfg: PipelineConfig, teacher_fingerprint: dict, manifest: Manifest) -> Path:
+def adapter_path(cfg: PipelineConfig, teacher_fingerprint: dict, manifest: Manifest) -> Location:
     """teacher.adapter.file, or a file under cache.root named from everything the fit depends on."""
     if cfg.teacher.adapter.file:
-        return cfg.path(cfg.teacher.adapter.file)
+        return cfg.location(cfg.teacher.adapter.file)
     key = {"teacher": teacher_fingerprint, "kind": cfg.teacher.kind, "adapter": asdict(cfg.teacher.adapter),
            "views": asdict(cfg.views), "labelled": [s[3] for s in manifest.fingerprint()]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return cfg.path(cfg.cache.root) / "adapters" / f"{cfg.teacher.kind}-{digest}.pt"
+    return cfg.location(cfg.cache.root) / "adapters" / f"{cfg.teacher.kind}-{digest}.pt"
 
 
 def attach_adapter(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, runtime: Runtime,

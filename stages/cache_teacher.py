@@ -29,7 +29,7 @@ from dho_pipeline.errors import warn
 from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
 from dho_pipeline.shards import Shard, load_manifest
 from dho_pipeline.store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
-from dho_pipeline.store_lock import rank_zero_lock
+from dho_pipeline.store_lock import Lease, rank_zero_lock
 from dho_pipeline.store_lookup import finished_store, stage_one_request, store_path, view_recipe
 from dho_pipeline.teacher import Teacher, load_teacher
 from dho_pipeline.teacher_views import TeacherViewBatches, views_for_split
@@ -66,7 +66,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     """Fill the store for `cfg`; `max_shards` stops early (the rest on a later run)."""
     started = time.perf_counter()
     runtime = init_runtime(cfg.train.device)
-    manifest = load_manifest(cfg.path(cfg.data.shards))
+    manifest = load_manifest(cfg.location(cfg.data.shards))
     recipe = view_recipe(cfg)
     request = fingerprint_hash(stage_one_request(cfg, manifest, runtime.device))
     if not overwrite:
@@ -80,7 +80,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     path = store_path(cfg, fingerprint)
     report = StageOneReport(path)
 
-    with rank_zero_lock(path, runtime):  # one writer: rank 0 holds the lock for ranks that split the shards
+    with rank_zero_lock(path, runtime) as lease:  # one writer: rank 0 holds it for ranks that split the shards
         if runtime.is_main:
             store = TeacherStore.open_or_create(path, fingerprint, manifest, 1 + recipe.count, overwrite,
                                                 with_zero_shot=teacher.adapter is not None, request=request,
@@ -92,7 +92,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         pending = [s for s in manifest.shards() if not store.shard_done(s)][runtime.rank:: runtime.world_size]
         pending = pending[:max_shards] if max_shards is not None else pending
         manifest.check_files(pending)
-        first_done, report.startup_views = write_pending(store, pending, teacher, recipe, cfg, runtime)
+        first_done, report.startup_views = write_pending(store, pending, teacher, recipe, cfg, runtime, lease)
         report.views = sum(s.count * views_for_split(s.split, recipe) for s in pending)
         report.startup_s = (first_done or time.perf_counter()) - started
         runtime.barrier()
@@ -109,8 +109,11 @@ def unmark_damaged(store: TeacherStore) -> None:
 
 
 def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, recipe: ViewRecipe,
-                  cfg: PipelineConfig, runtime: Runtime) -> tuple[float | None, int]:
+                  cfg: PipelineConfig, runtime: Runtime, lease: Lease) -> tuple[float | None, int]:
     """Run the teacher over the pending shards' views and write each shard once all its rows are in.
+
+    `lease` is the store's write lock: a writer that has lost it (an object-store lock taken over after
+    its holder went silent) stops before writing another shard.
 
     Returns when the first batch's logits were back (time.perf_counter; None when nothing was pending) and its
     number of views: the start-up a benchmark separates from the steady state.
@@ -119,7 +122,7 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
                                  skip_bad=cfg.data.on_bad_image == "skip")
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.data.num_workers, len(pending)),
                         pin_memory=runtime.device.type == "cuda")
-    rows = ShardBuffers(store, pending, 1 + recipe.count)
+    rows = ShardBuffers(store, pending, 1 + recipe.count, lease)
     first_done, first_views, in_flight = None, 0, None
     with tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
               disable=not runtime.is_main) as bar:
@@ -164,8 +167,8 @@ class ShardBuffers:
     One write is in flight at a time, so a failing write (a full disk) stops the run at the next shard.
     """
 
-    def __init__(self, store: TeacherStore, shards: list[Shard], views: int):
-        self.store, self.shards, self.views = store, shards, views
+    def __init__(self, store: TeacherStore, shards: list[Shard], views: int, lease: Lease):
+        self.store, self.shards, self.views, self.lease = store, shards, views, lease
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
         self.filled: dict[int, int] = {}
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
@@ -199,6 +202,7 @@ class ShardBuffers:
         self.filled[index] += n
         if self.filled[index] == shard.count:
             self._wait_for_write()
+            self.lease.check()
             self.writing = self.writer.submit(self.store.write_shard, shard, **self.buffers.pop(index))
         return n
 

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from dho_pipeline.config import EvalConfig
+from dho_pipeline.errors import warn
 from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs, search_alpha_beta
+from dho_pipeline.locations import location
 from dho_pipeline.runtime import pick_device
 from dho_pipeline.shards import Shard, ShardDataError, load_manifest
 from dho_pipeline.store import TeacherStore
@@ -26,11 +28,18 @@ def extra_shards(name: str, pattern: str) -> list[Shard]:
     return [Shard(name, Path(p), -1, 0, "") for p in paths]
 
 
-def teacher_accuracy(store_path: str | None, shards: list[Shard], out: HeadOutputs) -> float | None:
-    """The cached teacher's top-1 on the same rows (clean view, checked reads), when the store is at hand."""
-    if not store_path or not Path(store_path).exists():
+def teacher_accuracy(store_path: str | None, fingerprint: str | None, shards: list[Shard],
+                     out: HeadOutputs) -> float | None:
+    """The cached teacher's top-1 on the same rows (clean view, checked reads), when the store the student was
+    trained from is at hand: a store found at its path with another fingerprint is named and left out."""
+    if not store_path or not location(store_path).exists():
         return None
     store = TeacherStore.open(store_path)
+    found = store.attrs["fingerprint_hash"]
+    if fingerprint and found != fingerprint:
+        warn(f"{store_path}: not the store this student was trained from (fingerprint {found[:12]}, trained from "
+             f"{fingerprint[:12]}): its teacher accuracy is left out")
+        return None
     rows = np.concatenate([np.asarray(s.rows) for s in shards])
     predictions = np.concatenate([store.read_shard(s).predictions()[:, CLEAN_VIEW] for s in shards])
     return float((torch.from_numpy(predictions[np.searchsorted(rows, out.rows.numpy())]) == out.labels).float().mean())
@@ -75,7 +84,8 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
     test = outputs(manifest.splits["test"])
     result.update(report(test, alpha, beta, default_alpha, cfg.default_beta))
     result.update(alpha=alpha, beta=beta,
-                  teacher=teacher_accuracy(student.checkpoint.get("store"), manifest.splits["test"], test))
+                  teacher=teacher_accuracy(student.checkpoint.get("store"), student.checkpoint.get("store_fingerprint"),
+                                           manifest.splits["test"], test))
     result["extra"] = {name: report(outputs(extra_shards(name, pattern)), alpha, beta, cfg.default_alpha,
                                     cfg.default_beta) for name, pattern in (extra or {}).items()}
     return result

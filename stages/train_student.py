@@ -56,6 +56,7 @@ class RunContext:
     store_path: str | None  # None: online mode with fresh views, drawn instead of replayed
     steps_per_epoch: int
     total_steps: int
+    store_fingerprint: str | None = None  # the store's fingerprint hash, kept in every checkpoint
 
     @property
     def online(self) -> bool:
@@ -104,14 +105,15 @@ def run(cfg: PipelineConfig, resume: bool = False, max_steps: int | None = None)
 def setup_data(cfg: PipelineConfig) -> RunContext:
     """Join torchrun's processes, read the shard manifest (its shards all there), find the store, count the steps."""
     runtime = init_runtime(cfg.train.device)
-    manifest = load_manifest(cfg.path(cfg.data.shards))
+    manifest = load_manifest(cfg.location(cfg.data.shards))
     manifest.check_files(manifest.shards())
     fresh = cfg.teacher.mode == "online" and cfg.teacher.online_views == "fresh"
     store = None if fresh else find_store(cfg, manifest)
     steps_per_epoch, total_steps = step_budget(cfg.train, manifest, runtime.world_size)
     if store is not None and cfg.train.method != "ce_only" and runtime.is_main:
         warn_if_views_run_out(store.num_views - 1, total_steps / steps_per_epoch)
-    return RunContext(cfg, runtime, manifest, str(store.path) if store else None, steps_per_epoch, total_steps)
+    return RunContext(cfg, runtime, manifest, str(store.path) if store else None, steps_per_epoch, total_steps,
+                      store.attrs["fingerprint_hash"] if store else None)
 
 
 def warn_if_views_run_out(random_views: int, passes: float) -> None:
@@ -202,8 +204,8 @@ class Checkpoints:
                 "model": student.model.state_dict(), "optimizer": student.optimizer.state_dict(),
                 "scheduler": student.scheduler.state_dict(), "scaler": student.scaler.state_dict(), "step": step,
                 "rng": states, "config": ctx.cfg.to_dict(), "class_names": ctx.manifest.class_names,
-                "student_data": student.data.__dict__, "store": ctx.store_path, "shards": str(ctx.manifest.root),
-                **extra,
+                "student_data": student.data.__dict__, "store": ctx.store_path,
+                "store_fingerprint": ctx.store_fingerprint, "shards": str(ctx.manifest.root), **extra,
             })
         if path is None:
             self.last_step = step

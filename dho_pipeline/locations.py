@@ -1,0 +1,152 @@
+"""Where shards and stores live: a local path, or any fsspec URL (s3://, gs://, https://, ...).
+
+`location(value)` gives a pathlib.Path for a local path (every local code path stays as it was) and a
+`UrlPath` for a URL. UrlPath offers the part of Path's interface that shards and stores use (name, parent,
+`/`, exists, is_file, stat().st_size, read/write bytes and text, glob), through the URL's fsspec filesystem.
+Credentials come from the environment as fsspec and the backend read them (AWS_* variables, ~/.aws,
+fsspec's own config), never from pipeline.yaml. A backend that is not installed is a one-line error that
+names the extra bringing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import fsspec
+
+from dho_pipeline.errors import DhoError
+
+# URL scheme -> the `pip install "dho[extra]"` that brings its fsspec backend
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+
+
+class MissingBackend(DhoError, ImportError):
+    """The fsspec backend of a URL's scheme is not installed; the message names the extra to install."""
+
+
+def is_url(value: str | Path) -> bool:
+    return isinstance(value, str) and "://" in value and not value.startswith("file://")
+
+
+def location(value: str | Path | UrlPath) -> Path | UrlPath:
+    """A Path for a local path (file:// URLs included), a UrlPath for any other URL."""
+    if isinstance(value, (Path, UrlPath)):
+        return value
+    if value.startswith("file://"):
+        return Path(value.removeprefix("file://"))
+    return UrlPath(value) if is_url(value) else Path(value)
+
+
+# Listings are not cached: zarr writes through its own filesystem instance, and other machines write too.
+STORAGE_OPTIONS = {"use_listings_cache": False}
+
+
+def _filesystem(protocol: str) -> fsspec.AbstractFileSystem:
+    """fsspec's instance for the scheme (fsspec caches it per process: async ones are not fork-safe)."""
+    try:
+        return fsspec.filesystem(protocol, **STORAGE_OPTIONS)
+    except ImportError as e:
+        extra = EXTRAS.get(protocol)
+        hint = f'pip install "dho[{extra}]"' if extra else f"install the fsspec backend of {protocol}://"
+        raise MissingBackend(f"{protocol}:// needs a package that is not installed ({e}); {hint}") from None
+    except ValueError as e:
+        raise MissingBackend(f"{protocol}://: not a storage scheme fsspec knows ({e})") from None
+
+
+class UrlPath:
+    """A file or folder named by a URL, with the subset of pathlib.Path that dho uses."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.protocol = self.url.split("://", 1)[0]
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return _filesystem(self.protocol)
+
+    @property
+    def path(self) -> str:
+        """The URL as the filesystem's own methods take it (without the scheme for object stores)."""
+        return self.fs._strip_protocol(self.url)
+
+    @property
+    def writable(self) -> bool:
+        return self.protocol not in ("http", "https")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"UrlPath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UrlPath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __truediv__(self, name: str) -> UrlPath:
+        return UrlPath(f"{self.url}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> UrlPath:
+        return UrlPath(self.url.rsplit("/", 1)[0])
+
+    def with_name(self, name: str) -> UrlPath:
+        return self.parent / name
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def is_file(self) -> bool:
+        return self.fs.isfile(self.path)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self.path)
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def stat(self) -> SimpleNamespace:
+        return SimpleNamespace(st_size=self.fs.size(self.path))
+
+    def open(self, mode: str = "rb"):
+        return self.fs.open(self.path, mode)
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        """One PUT: the object appears whole or not at all."""
+        self.fs.pipe_file(self.path, data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        self.fs.makedirs(self.path, exist_ok=True)  # object stores have no folders: nothing to make
+
+    def glob(self, pattern: str) -> list[UrlPath]:
+        return [UrlPath(self.fs.unstrip_protocol(p)) for p in sorted(self.fs.glob(f"{self.path}/{pattern}"))]
+
+    def files(self) -> list[UrlPath]:
+        """Every file below this folder."""
+        return [UrlPath(self.fs.unstrip_protocol(p)) for p in self.fs.find(self.path)]
+
+    def total_bytes(self) -> int:
+        return int(self.fs.du(self.path, total=True))
+
+    def remove(self) -> None:
+        """Delete the file, or the folder with everything below it."""
+        self.fs.rm(self.path, recursive=True)
+
+
+Location = Path | UrlPath

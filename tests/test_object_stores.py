@@ -1,0 +1,210 @@
+"""Shards and stores on an S3 API (moto's server on 127.0.0.1) and shards over HTTP, through the real stages."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from moto import server as moto_server
+
+from dho_pipeline import store_lock
+from dho_pipeline.cli import main
+from dho_pipeline.config import load_config
+from dho_pipeline.locations import UrlPath, location
+from dho_pipeline.shards import iter_shard, load_manifest, write_shards
+from dho_pipeline.store import TeacherStore
+from dho_pipeline.store_copy import copy_store
+from stages import cache_teacher, train_student
+from stages import evaluate as evaluate_stage
+from tests.conftest import one_line_error, write_config
+from tests.test_stage_two import losses, train_config
+
+CHECKED = ("logits", "boxes", "flips", "labels", "bad", "done", "checksums")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto's S3 server on 127.0.0.1, found by s3fs through AWS_ENDPOINT_URL as a user's endpoint would be."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A new empty bucket: s3://NAME."""
+    name = f"dho-{uuid.uuid4().hex[:12]}"
+    UrlPath(f"s3://{name}").fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def http_shards(shards_dir):
+    """The test shards served read-only by http.server on 127.0.0.1."""
+    handler = functools.partial(QuietHandler, directory=str(shards_dir))
+    server = QuietServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients that close early (a HEAD, a size probe) are not errors here
+
+
+def same_arrays(a: TeacherStore, b: TeacherStore) -> None:
+    for name in CHECKED:
+        np.testing.assert_array_equal(a.group[name][:], b.group[name][:], err_msg=name)
+
+
+def test_stage_one_writes_an_s3_store_equal_to_the_local_one(bucket, shards_dir, teacher_file, cached_store,
+                                                             tmp_path):
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"root": f"{bucket}/cache"})
+    stopped = cache_teacher.run(load_config(config), max_shards=3)  # a run stopped early, then resumed
+    store = TeacherStore.open(stopped.path)
+    assert isinstance(stopped.path, UrlPath) and stopped.path.name == cached_store.name
+    assert sum(store.shard_done(s) for s in store.shards()) == 3
+    finished = cache_teacher.run(load_config(config))
+    assert finished.path == stopped.path and not finished.already_complete
+    same_arrays(TeacherStore.open(finished.path), TeacherStore.open(cached_store))
+    assert TeacherStore.open(finished.path).attrs == TeacherStore.open(cached_store).attrs
+    assert cache_teacher.run(load_config(config)).already_complete
+
+    leases = (location(f"{finished.path}.lock")).glob("g-*.json")  # the lock: one released lease left
+    assert len(leases) == 1 and json.loads(leases[0].read_text())["released"]
+
+    listed = CliRunner().invoke(main, ["cache", "list", "--root", f"{bucket}/cache"])
+    assert listed.exit_code == 0 and str(finished.path) in listed.output and "done=100%" in listed.output, listed.output
+    inspected = CliRunner().invoke(main, ["cache", "inspect", str(finished.path), "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    assert json.loads(inspected.output)["done_fraction"] == 1.0
+
+
+def test_shards_and_store_on_s3_train_the_same_student(bucket, fmnist, shards_dir, teacher_file, cached_store,
+                                                       tmp_path):
+    manifest = load_manifest(shards_dir)
+    uploaded = CliRunner().invoke(main, ["make-shards", str(fmnist.root), f"{bucket}/shards", "--shots", "4",
+                                         "--val-per-class", "5", "--test-per-class", "10",
+                                         "--max-train-per-class", "16", "--shard-size", "32"])
+    assert uploaded.exit_code == 0, uploaded.output
+    remote = load_manifest(f"{bucket}/shards")
+    assert [(s.name, s.sha256) for s in remote.shards()] == [(s.name, s.sha256) for s in manifest.shards()]
+    assert CliRunner().invoke(main, ["cache", "copy", str(cached_store), f"{bucket}/store.zarr"]).exit_code == 0
+
+    local = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, "local",
+                                                       steps=3, log_every=1), ["data.num_workers=1"]))
+    config = train_config(tmp_path, shards_dir, teacher_file, f"{bucket}/store.zarr", "remote", steps=3, log_every=1)
+    cfg = load_config(config, [f"data.shards={bucket}/shards", "data.num_workers=1"])
+    remote_run = train_student.run(cfg)
+    assert losses(remote_run) == losses(local)
+    final = torch.load(remote_run / "final.pt", weights_only=False)
+    assert final["store"] == f"{bucket}/store.zarr" and final["shards"] == f"{bucket}/shards"
+
+
+def test_shards_over_http_read_as_the_local_files(http_shards, shards_dir):
+    local, served = load_manifest(shards_dir), load_manifest(http_shards)
+    shard = served.splits["unlabelled"][1]
+    assert isinstance(shard.path, UrlPath) and shard.path.url == f"{http_shards}/{shard.name}"
+    served.check_files(served.shards())
+    samples = [(s["__key__"], s["png"]) for s in iter_shard(shard)]
+    assert samples == [(s["__key__"], s["png"]) for s in iter_shard(local.splits["unlabelled"][1])]
+    with pytest.raises(ValueError, match="read-only"):
+        write_shards(None, {}, location(f"{http_shards}/new"))
+
+
+def test_cache_copy_resumes_and_checks_the_copy(bucket, cached_store, tmp_path, monkeypatch):
+    shards = TeacherStore.open(cached_store).shards()
+    written = []
+    real_write = TeacherStore.write_shard
+
+    def killed_after_four(store, shard, **arrays):
+        if len(written) == 4:
+            raise KeyboardInterrupt  # the copy is stopped here, as by Ctrl-C
+        written.append(shard.name)
+        real_write(store, shard, **arrays)
+
+    monkeypatch.setattr("dho_pipeline.store_copy.COPY_THREADS", 1)
+    monkeypatch.setattr(TeacherStore, "write_shard", killed_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        copy_store(cached_store, f"{bucket}/copy.zarr", progress=False)
+    monkeypatch.setattr(TeacherStore, "write_shard", real_write)
+    partial = TeacherStore.open(f"{bucket}/copy.zarr")
+    assert [s.name for s in shards if partial.shard_done(s)] == written
+
+    resumed = copy_store(cached_store, f"{bucket}/copy.zarr", progress=False)
+    assert (resumed.copied, resumed.already_there) == (len(shards) - 4, 4)
+    same_arrays(TeacherStore.open(f"{bucket}/copy.zarr"), TeacherStore.open(cached_store))
+
+    back = copy_store(f"{bucket}/copy.zarr", tmp_path / "back.zarr", progress=False)  # S3 -> local
+    assert back.copied == len(shards)
+    same_arrays(TeacherStore.open(tmp_path / "back.zarr"), TeacherStore.open(cached_store))
+
+    TeacherStore.open(tmp_path / "back.zarr", mode="a").group.attrs["fingerprint_hash"] = "0" * 64  # another store
+    result = CliRunner().invoke(main, ["cache", "copy", str(cached_store), str(tmp_path / "back.zarr")])
+    one_line_error(result, str(tmp_path / "back.zarr"), "another fingerprint")
+
+
+def test_object_store_lock_refuses_a_second_writer_and_takes_over_a_silent_one(bucket, monkeypatch, capsys):
+    monkeypatch.setattr(store_lock, "HEARTBEAT_S", 0.05)
+    store = location(f"{bucket}/cache/x.zarr")
+    with store_lock.store_write_lock(store) as lease:
+        with pytest.raises(store_lock.StoreLocked, match=r"being written by pid \d+ on host"):
+            with store_lock.store_write_lock(store):
+                pass
+        lease.check()
+    with store_lock.store_write_lock(store):  # released: the next writer gets it at once
+        pass
+
+    killed = store_lock.lock_path(store) / "g-000003.json"  # a holder that stopped beating a while ago
+    killed.write_text(json.dumps({"host": "gpu-node-7", "pid": 4242, "since": time.time() - 900,
+                                  "command": "dho cache-teacher", "heartbeat": time.time() - 600}))
+    with store_lock.store_write_lock(store) as lease:
+        assert "taking over the lock left by pid 4242 on host gpu-node-7" in capsys.readouterr().err
+        newer = store_lock.lock_path(store) / "g-000005.json"  # someone takes it over from this holder
+        newer.write_text(json.dumps({"host": "other", "pid": 7, "since": time.time(), "command": "dho",
+                                     "heartbeat": time.time()}))
+        deadline = time.time() + 10
+        while not lease.lost_to and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(store_lock.StoreLocked, match="lost the write lock to pid 7 on host other"):
+            lease.check()
+
+
+def test_a_url_without_its_backend_names_the_extra():
+    result = CliRunner().invoke(main, ["cache", "inspect", "gs://bucket/store.zarr"])
+    one_line_error(result, "gs://", 'pip install "dho[gcs]"')
+
+
+def test_evaluate_names_a_store_that_is_not_the_one_trained_from(cached_store, shards_dir, teacher_file, tmp_path,
+                                                                 capsys):
+    store = tmp_path / "store.zarr"
+    copy_store(cached_store, store, progress=False)
+    run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, store, steps=2)))
+    final = torch.load(run / "final.pt", weights_only=False)
+    assert final["store_fingerprint"] == TeacherStore.open(store).attrs["fingerprint_hash"]
+    assert evaluate_stage.run(run / "final.pt")["teacher"] is not None
+
+    TeacherStore.open(store, mode="a").group.attrs["fingerprint_hash"] = "f" * 64  # another store at that path
+    assert evaluate_stage.run(run / "final.pt")["teacher"] is None
+    assert f"{store}: not the store this student was trained from (fingerprint ffffffffffff" in capsys.readouterr().err
