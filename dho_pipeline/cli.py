@@ -69,6 +69,16 @@ def main(debug: bool) -> None:
     """
 
 
+def _refuse_with(mode: str, **given: object) -> None:
+    """A usage error naming the options given (not None, 0 or False) that `mode` does not take."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value not in (None, 0, False)]
+    if named:
+        raise click.UsageError(f"{mode} does not take {', '.join(named)}")
+
+
+existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 @main.command("make-shards")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
@@ -81,30 +91,78 @@ def main(debug: bool) -> None:
                    "With one: keep at most this many test images per class.")
 @click.option("--max-train-per-class", type=click.IntRange(min=1), default=None,
               help="Use at most this many training images per class (small experiments).")
+@click.option("--split-file", type=existing_file,
+              help="A CoOp / Tip-Adapter split JSON over the images under SOURCE: its train, val and test, "
+                   "--shots K per class drawn from train as they draw them (the rest unlabelled), min(K, 4) from val.")
+@click.option("--split-rule", type=click.Choice(["coop", "tip-adapter"]), default="coop", show_default=True,
+              help="With --split-file: draw train then val (CoOp, seed = --seed) or val then train (Tip-Adapter "
+                   "and the DHO reference, which use --seed 1).")
+@click.option("--labelled-list", type=existing_file,
+              help="An ImageNet 1%/10% list (one image file name a line, e.g. n01440764_10026.JPEG): those "
+                   "training images are labelled, every other one unlabelled.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Samples per shard; also the row chunk of the teacher store.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the split.")
 def make_shards(source: Path, out: Path, shots: int | None, percent: float | None, val_per_class: int,
-                test_per_class: int | None, max_train_per_class: int | None, shard_size: int, seed: int) -> None:
+                test_per_class: int | None, max_train_per_class: int | None, split_file: Path | None,
+                split_rule: str, labelled_list: Path | None, shard_size: int, seed: int) -> None:
     """Write labelled / unlabelled / val / test WebDataset shards from SOURCE into OUT.
 
     SOURCE is an ImageFolder tree (one folder per class, optionally under train/ and test/) or a
     Fashion-MNIST idx directory. Give --shots or --percent; every other training image goes to the
     unlabelled split (its label is kept for reporting only). OUT/manifest.json lists the classes,
     the shards with their sizes and sha256, and the counts per split.
+
+    \b
+    Examples:
+      dho make-shards ~/data/flowers shards/flowers-16 --shots 16 --val-per-class 4
+      dho make-shards data/oxford_pets/images shards/pets-16 --split-file split_zhou_OxfordPets.json --shots 16
+      dho make-shards ~/imagenet shards/in-1pct --labelled-list 1percent.txt --val-per-class 5
+
+    \b
+    --split-file: the split JSON of CoOp / Tip-Adapter ({"train": [[path, label, class name], ...],
+    "val": [...], "test": [...]}, paths under SOURCE); class names come from the file.
+    --labelled-list: SOURCE is an ImageFolder; --val-per-class and --test-per-class carve val (and test,
+    without a test/ part) from the images the list leaves out.
     """
     from dho_pipeline.shards import write_shards
-    from dho_pipeline.sources import open_source
-    from dho_pipeline.splits import split_source
 
-    if (shots is None) == (percent is None):
-        raise click.UsageError("give exactly one of --shots or --percent")
-    src = open_source(source)
-    splits = split_source(src, shots=shots, percent=percent, val_per_class=val_per_class,
-                          test_per_class=test_per_class, max_train_per_class=max_train_per_class, seed=seed)
-    info = {"source": str(source), "shots": shots, "percent": percent, "val_per_class": val_per_class,
-            "seed": seed}
-    manifest = write_shards(src, splits, out, shard_size=shard_size, info=info)
+    plain = {"shots": shots, "percent": percent, "val_per_class": val_per_class, "test_per_class": test_per_class,
+             "max_train_per_class": max_train_per_class}
+    if split_file and labelled_list:
+        raise click.UsageError("give at most one of --split-file, --labelled-list")
+    info: dict = {"source": str(source)}
+    if split_file:
+        from dho_pipeline.sources import FileSource
+        from dho_pipeline.split_files import fewshot_splits, read_split_file
+
+        _refuse_with("--split-file", **{**plain, "shots": None})
+        if shots is None:
+            raise click.UsageError("--split-file needs --shots K (labelled images per class drawn from its train)")
+        class_names, parts = read_split_file(split_file, source)
+        src = FileSource(class_names)
+        splits = fewshot_splits(parts, class_names, shots, seed, split_rule)
+        info.update(split_file=str(split_file), split_rule=split_rule, shots=shots)
+    elif labelled_list:
+        from dho_pipeline.sources import ImageFolderSource
+        from dho_pipeline.split_files import labelled_list_splits
+
+        _refuse_with("--labelled-list", shots=shots, percent=percent, max_train_per_class=max_train_per_class)
+        src = ImageFolderSource(source)
+        splits = labelled_list_splits(src, labelled_list, val_per_class=val_per_class,
+                                      test_per_class=test_per_class, seed=seed)
+        info.update(labelled_list=str(labelled_list), val_per_class=val_per_class)
+    else:
+        from dho_pipeline.sources import open_source
+        from dho_pipeline.splits import split_source
+
+        if (shots is None) == (percent is None):
+            raise click.UsageError("give exactly one of --shots or --percent")
+        src = open_source(source)
+        splits = split_source(src, shots=shots, percent=percent, val_per_class=val_per_class,
+                              test_per_class=test_per_class, max_train_per_class=max_train_per_class, seed=seed)
+        info.update(shots=shots, percent=percent, val_per_class=val_per_class)
+    manifest = write_shards(src, splits, out, shard_size=shard_size, info={**info, "seed": seed})
     counts = ", ".join(f"{s} {manifest.split_count(s)}" for s in manifest.splits)
     click.echo(f"wrote {len(manifest.shards())} shards to {out} ({counts})")
 
