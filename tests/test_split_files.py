@@ -163,7 +163,8 @@ def test_a_bad_list_line_is_named_by_file_and_line(fmnist, tmp_path, line, messa
     (["--split-file", "split.json", "--shots", "2", "--val-per-class", "3"],
      "--split-file does not take --val-per-class"),
     (["--labelled-list", "split.json", "--percent", "1"], "--labelled-list does not take --percent"),
-], ids=["split-file-without-shots", "split-file-with-val", "list-with-percent"])
+    (["--shots", "1", "--class-map", "split.json"], "without --test-only, make-shards does not take --class-map"),
+], ids=["split-file-without-shots", "split-file-with-val", "list-with-percent", "map-without-test-only"])
 def test_options_that_do_not_go_together_are_refused(tmp_path, args, message):
     (tmp_path / "split.json").write_text("{}")
     args = [a.replace("split.json", str(tmp_path / "split.json")) for a in args]
