@@ -4,13 +4,14 @@ ImageNet 1% / 10% lists of labelled images (SimCLR's `1percent.txt`, `10percent.
 The K-shot draw reproduces dassl's `DatasetBase.generate_fewshot_dataset` (used by CoOp, Tip-Adapter and the DHO
 reference): the entries of a part are grouped by label, the groups in the order their labels first appear in the file
 and each group in file order, and each group gets `random.sample(group, K)` from one `random.Random(seed)`, group
-after group. The validation part gets the same draw with min(K, 4) shots. CoOp draws train, then val, from
-`random.seed(cfg.SEED)` (rule `coop`); Tip-Adapter draws val, then train, from `random.seed(1)` (rule `tip-adapter`).
-The DHO reference seeds `random.seed(1)` and builds Tip-Adapter's datasets, whose modules are not public in its
-repository: its order is assumed to be Tip-Adapter's. So the labelled images are the same files as theirs for the
-same seed, provided nothing else drew from Python's `random` between their seeding and the draw (none does in CoOp's
-`train.py` or Tip-Adapter's `main.py`). One difference: where a class has fewer entries than asked for, dassl repeats
-images (`random.choices`); dho refuses, naming the class.
+after group. The validation part gets the same draw with min(K, 4) shots. CoOp draws train, then val, right after
+`set_random_seed(cfg.SEED)` (rule `coop`); Tip-Adapter draws val, then train, right after `random.seed(1)` (rule
+`tip-adapter`). The DHO reference's `train_others.py` seeds `random.seed(1)` and calls a Tip-Adapter-style
+`build_dataset(name, root, shots)`; its dataset modules were not available to check, so its order is taken to be
+Tip-Adapter's. So for the same seed the labelled files are theirs, as long as nothing drew from Python's `random`
+between their seeding and the draw (nothing does in CoOp's `train.py` or Tip-Adapter's `main.py`) and, for CoOp,
+its cached `split_fewshot/shot_K-seed_S.pkl` was made by that draw. One difference: where a class has fewer entries
+than asked for, dassl repeats images (`random.choices`); dho refuses, naming the class.
 """
 
 from __future__ import annotations
