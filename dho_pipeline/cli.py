@@ -84,6 +84,16 @@ def main(debug: bool) -> None:
     """
 
 
+def _refuse_with(mode: str, **given: object) -> None:
+    """A usage error naming the options given (not None, 0 or False) that `mode` does not take."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value not in (None, 0, False)]
+    if named:
+        raise click.UsageError(f"{mode} does not take {', '.join(named)}")
+
+
+existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 @main.command("make-shards")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=PathOrUrl(file_okay=False))
@@ -96,11 +106,29 @@ def main(debug: bool) -> None:
                    "With one: keep at most this many test images per class.")
 @click.option("--max-train-per-class", type=click.IntRange(min=1), default=None,
               help="Use at most this many training images per class (small experiments).")
+@click.option("--split-file", type=existing_file,
+              help="A CoOp / Tip-Adapter split JSON over the images under SOURCE: its train, val and test, "
+                   "--shots K per class drawn from train as they draw them (the rest unlabelled), min(K, 4) from val.")
+@click.option("--split-rule", type=click.Choice(["coop", "tip-adapter"]), default="coop", show_default=True,
+              help="With --split-file: draw train then val (CoOp, seed = --seed) or val then train (Tip-Adapter "
+                   "and the DHO reference, which use --seed 1).")
+@click.option("--labelled-list", type=existing_file,
+              help="An ImageNet 1%/10% list (one image file name a line, e.g. n01440764_10026.JPEG): those "
+                   "training images are labelled, every other one unlabelled.")
+@click.option("--test-only", is_flag=True,
+              help="Write test shards only, from class folders that map onto the classes of --train-shards.")
+@click.option("--train-shards", type=PathOrUrl(exists=True, file_okay=False),
+              help="With --test-only: the training shards whose classes (and class indices) the set uses.")
+@click.option("--class-map", type=existing_file,
+              help="With --test-only: the training class of each folder, as JSON {\"folder\": \"class\"} or "
+                   "text lines 'folder class name'. Without it folder names must be training class names.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Samples per shard; also the row chunk of the teacher store.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the split.")
 def make_shards(source: Path, out: Location, shots: int | None, percent: float | None, val_per_class: int,
-                test_per_class: int | None, max_train_per_class: int | None, shard_size: int, seed: int) -> None:
+                test_per_class: int | None, max_train_per_class: int | None, split_file: Path | None,
+                split_rule: str, labelled_list: Path | None, test_only: bool, train_shards: Location | None,
+                class_map: Path | None, shard_size: int, seed: int) -> None:
     """Write labelled / unlabelled / val / test WebDataset shards from SOURCE into OUT.
 
     SOURCE is an ImageFolder tree (one folder per class, optionally under train/ and test/) or a
@@ -108,19 +136,74 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
     unlabelled split (its label is kept for reporting only). OUT/manifest.json lists the classes,
     the shards with their sizes and sha256, and the counts per split. OUT may be an object-store URL
     (s3://bucket/shards, gs://...): the shards are written locally first, then uploaded, the manifest last.
-    """
-    from dho_pipeline.shards import write_shards
-    from dho_pipeline.sources import open_source
-    from dho_pipeline.splits import split_source
 
-    if (shots is None) == (percent is None):
-        raise click.UsageError("give exactly one of --shots or --percent")
-    src = open_source(source)
-    splits = split_source(src, shots=shots, percent=percent, val_per_class=val_per_class,
-                          test_per_class=test_per_class, max_train_per_class=max_train_per_class, seed=seed)
-    info = {"source": str(source), "shots": shots, "percent": percent, "val_per_class": val_per_class,
-            "seed": seed}
-    manifest = write_shards(src, splits, out, shard_size=shard_size, info=info)
+    \b
+    Examples:
+      dho make-shards ~/data/flowers shards/flowers-16 --shots 16 --val-per-class 4
+      dho make-shards data/oxford_pets/images shards/pets-16 --split-file split_zhou_OxfordPets.json --shots 16
+      dho make-shards ~/imagenet shards/in-1pct --labelled-list 1percent.txt --val-per-class 5
+      dho make-shards ~/imagenet-r shards/in-r --test-only --train-shards shards/in-1pct [--class-map map.txt]
+
+    \b
+    --split-file: the split JSON of CoOp / Tip-Adapter ({"train": [[path, label, class name], ...],
+    "val": [...], "test": [...]}, paths under SOURCE); class names come from the file.
+    --labelled-list: SOURCE is an ImageFolder; --val-per-class and --test-per-class carve val (and test,
+    without a test/ part) from the images the list leaves out.
+    --test-only: SOURCE holds one folder per class, each a training class of --train-shards or mapped onto
+    one by --class-map; the manifest records the classes the set covers, and `dho evaluate --shards
+    NAME=OUT` scores it with the heads restricted to them.
+    """
+    from dho_pipeline.shards import load_manifest, write_shards
+
+    plain = {"shots": shots, "percent": percent, "val_per_class": val_per_class, "test_per_class": test_per_class,
+             "max_train_per_class": max_train_per_class}
+    modes = [m for m, on in (("--split-file", split_file), ("--labelled-list", labelled_list),
+                             ("--test-only", test_only)) if on]
+    if len(modes) > 1:
+        raise click.UsageError(f"give at most one of {', '.join(modes)}")
+    if not test_only:
+        _refuse_with("without --test-only, make-shards", train_shards=train_shards, class_map=class_map)
+    info: dict = {"source": str(source)}
+    if split_file:
+        from dho_pipeline.sources import FileSource
+        from dho_pipeline.split_files import fewshot_splits, read_split_file
+
+        _refuse_with("--split-file", **{**plain, "shots": None})
+        if shots is None:
+            raise click.UsageError("--split-file needs --shots K (labelled images per class drawn from its train)")
+        class_names, parts = read_split_file(split_file, source)
+        src = FileSource(class_names)
+        splits = fewshot_splits(parts, class_names, shots, seed, split_rule)
+        info.update(split_file=str(split_file), split_rule=split_rule, shots=shots)
+    elif labelled_list:
+        from dho_pipeline.sources import ImageFolderSource
+        from dho_pipeline.split_files import labelled_list_splits
+
+        _refuse_with("--labelled-list", shots=shots, percent=percent, max_train_per_class=max_train_per_class)
+        src = ImageFolderSource(source)
+        splits = labelled_list_splits(src, labelled_list, val_per_class=val_per_class,
+                                      test_per_class=test_per_class, seed=seed)
+        info.update(labelled_list=str(labelled_list), val_per_class=val_per_class)
+    elif test_only:
+        from dho_pipeline.ood_sets import ood_splits
+
+        _refuse_with("--test-only", **plain)
+        if train_shards is None:
+            raise click.UsageError("--test-only needs --train-shards DIR: the shards whose classes the set maps onto")
+        src, splits, covers = ood_splits(source, load_manifest(train_shards), class_map)
+        info.update(test_only=True, train_shards=str(train_shards), class_map=class_map and str(class_map),
+                    covers=covers)
+    else:
+        from dho_pipeline.sources import open_source
+        from dho_pipeline.splits import split_source
+
+        if (shots is None) == (percent is None):
+            raise click.UsageError("give exactly one of --shots or --percent")
+        src = open_source(source)
+        splits = split_source(src, shots=shots, percent=percent, val_per_class=val_per_class,
+                              test_per_class=test_per_class, max_train_per_class=max_train_per_class, seed=seed)
+        info.update(shots=shots, percent=percent, val_per_class=val_per_class)
+    manifest = write_shards(src, splits, out, shard_size=shard_size, info={**info, "seed": seed})
     counts = ", ".join(f"{s} {manifest.split_count(s)}" for s in manifest.splits)
     click.echo(f"wrote {len(manifest.shards())} shards to {out} ({counts})")
 
@@ -312,8 +395,10 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
 
 @main.command("evaluate")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--shards", "extra", multiple=True, metavar="NAME=PATTERN",
-              help="An extra test set, e.g. --shards sketch='ood/sketch-*.tar' (repeatable).")
+@click.option("--shards", "extra", multiple=True, metavar="NAME=DIR|PATTERN",
+              help="An extra test set (repeatable): a folder of make-shards, e.g. --shards sketch=shards/sketch "
+                   "(its test split; a --test-only set is scored over its classes only), or tar files, e.g. "
+                   "--shards sketch='ood/sketch-*.tar' (every class).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: bool) -> None:
@@ -321,6 +406,12 @@ def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: boo
 
     The combination is p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta); alpha in 0..1 by 0.05
     and beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4} by default (eval section of pipeline.yaml).
+
+    \b
+    A set made with `make-shards --test-only` (ImageNet-R, -A, -Sketch, -V2, ...) covers some of the
+    training classes: its top-1 is over those classes, each head's logits of the others masked out
+    before the softmax and the argmax, for the heads and both combinations alike.
+      dho evaluate runs/in-1pct/final.pt --shards in-r=shards/in-r --shards sketch=shards/in-sketch
     """
     from stages import evaluate as stage
 
@@ -328,7 +419,7 @@ def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: boo
     for item in extra:
         name, sep, pattern = item.partition("=")
         if not sep or not name or not pattern:
-            raise click.UsageError(f"--shards {item!r}: expected NAME=PATTERN")
+            raise click.UsageError(f"--shards {item!r}: expected NAME=DIR or NAME=PATTERN")
         sets[name] = pattern
     result = stage.run(checkpoint, sets, device)
     if as_json:
@@ -339,7 +430,8 @@ def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: boo
     def row(name: str, r: dict, teacher: float | None = None) -> str:
         t = "" if teacher is None else f"  teacher {teacher:.4f}"
         return (f"{name:<10} ce_head {r['ce_head']:.4f}  kd_head {r['kd_head']:.4f}  combined default "
-                f"{r['combined_default']:.4f}  searched {r['combined_searched']:.4f}{t}  ({r['images']} images)")
+                f"{r['combined_default']:.4f}  searched {r['combined_searched']:.4f}{t}  ({r['images']} images"
+                + (f", {r['classes']} classes)" if "classes" in r else ")"))
 
     click.echo(row("test", result, result["teacher"]))
     for name, r in result["extra"].items():

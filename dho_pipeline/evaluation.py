@@ -38,6 +38,13 @@ def head_outputs(model: DualHeadStudent, batches: Iterable[dict], data: StudentD
     return HeadOutputs(torch.cat(ce), torch.cat(kd), torch.cat(labels), torch.cat(rows))
 
 
+def restrict(out: HeadOutputs, classes: list[int]) -> HeadOutputs:
+    """Both heads restricted to `classes`: every other class's logit is -inf, out of every softmax and argmax."""
+    mask = torch.full((out.ce.shape[1],), float("-inf"))
+    mask[classes] = 0.0
+    return HeadOutputs(out.ce + mask, out.kd + mask, out.labels, out.rows)
+
+
 def combine(ce: torch.Tensor, kd: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta)."""
     return alpha * ce.softmax(-1) + (1 - alpha) * (kd / beta).softmax(-1)

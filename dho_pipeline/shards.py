@@ -19,7 +19,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from dho_pipeline.errors import DhoError
 from dho_pipeline.locations import Location, UrlPath, location
-from dho_pipeline.sources import IdxSource, ImageFolderSource, Item
+from dho_pipeline.sources import FileSource, IdxSource, Item
 
 SPLITS = ("labelled", "unlabelled", "val", "test")
 # A fixed member mtime makes shards byte-reproducible (same splits, same sha256) and keeps tar's PAX headers
@@ -105,7 +105,7 @@ def sha256_file(path: Location, block: int = 1 << 20) -> str:
 
 
 def write_shards(
-    source: IdxSource | ImageFolderSource,
+    source: IdxSource | FileSource,
     splits: dict[str, list[Item]],
     out: Location,
     *,
@@ -137,6 +137,9 @@ def write_shards(
         for split in SPLITS:
             items = splits.get(split, [])
             first = next_row
+            if not items:  # no empty tar file for a split without samples (a test-only set has three)
+                shards[split] = []
+                continue
             with wds.ShardWriter(str(out / f"{split}-%05d.tar"), maxcount=shard_size, verbose=0,
                                  mtime=MEMBER_MTIME) as sink:
                 for i, item in enumerate(items):

@@ -1,4 +1,5 @@
-"""Image sources that `dho make-shards` reads: an ImageFolder tree or a Fashion-MNIST idx directory."""
+"""Image sources that `dho make-shards` reads: an ImageFolder tree, image files listed elsewhere, or a Fashion-MNIST
+idx directory."""
 
 from __future__ import annotations
 
@@ -83,7 +84,18 @@ def image_files(folder: Path) -> list[Path]:
     return [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
 
 
-class ImageFolderSource:
+class FileSource:
+    """Image files, each read as found, under the given class names (the files come with each Item's path)."""
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = list(class_names)
+
+    def read(self, ref: Path) -> tuple[bytes, str]:
+        ext = ref.suffix.lower().lstrip(".")
+        return ref.read_bytes(), "jpg" if ext == "jpeg" else ext
+
+
+class ImageFolderSource(FileSource):
     """A tree with one folder per class; with `train/` and `test/` subfolders when it has them.
 
     Every class folder must hold at least one image: an empty one (or one of other files only) is refused,
@@ -111,10 +123,6 @@ class ImageFolderSource:
 
     def items(self, part: str) -> list[Item]:
         return [Item(f, label) for label, files in enumerate(self.files.get(part, [])) for f in files]
-
-    def read(self, ref: Path) -> tuple[bytes, str]:
-        ext = ref.suffix.lower().lstrip(".")
-        return ref.read_bytes(), "jpg" if ext == "jpeg" else ext
 
 
 def open_source(path: Path) -> IdxSource | ImageFolderSource:

@@ -10,22 +10,38 @@ import torch
 
 from dho_pipeline.config import EvalConfig
 from dho_pipeline.errors import warn
-from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs, search_alpha_beta
+from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs, restrict, search_alpha_beta
 from dho_pipeline.locations import location
 from dho_pipeline.runtime import pick_device
-from dho_pipeline.shards import Shard, ShardDataError, load_manifest
+from dho_pipeline.shards import MANIFEST, Shard, ShardDataError, load_manifest
 from dho_pipeline.store import TeacherStore
 from dho_pipeline.student_checkpoint import load_student
 from dho_pipeline.student_stream import clean_batches
 from dho_pipeline.views import CLEAN_VIEW
 
 
-def extra_shards(name: str, pattern: str) -> list[Shard]:
-    """The tar files matching `pattern` as an unchecked shard set (no manifest, no rows in the store)."""
+def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Shard], list[int] | None]:
+    """An extra test set's shards, and the classes it covers when it covers only some (None: every class).
+
+    A folder of make-shards gives its test split, checked against its manifest; a set made with --test-only
+    covers the training classes its manifest lists. A glob pattern gives its tar files, unchecked (no manifest).
+    """
+    if (location(pattern) / MANIFEST).is_file():
+        manifest = load_manifest(pattern)
+        if manifest.class_names != class_names:
+            raise ShardDataError(f"--shards {name}={pattern}: {manifest.root / MANIFEST} has other classes than the "
+                                 f"student ({len(manifest.class_names)} against {len(class_names)}); make the set "
+                                 "with --test-only --train-shards <the student's shards>")
+        shards = manifest.splits.get("test", [])
+        if not shards:
+            raise ShardDataError(f"--shards {name}={pattern}: {manifest.root / MANIFEST} has no test split")
+        manifest.check_files(shards)
+        covers = manifest.info.get("covers")
+        return shards, None if covers is None else [class_names.index(c) for c in covers]
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise FileNotFoundError(f"--shards {name}={pattern}: no files match")
-    return [Shard(name, Path(p), -1, 0, "") for p in paths]
+        raise FileNotFoundError(f"--shards {name}={pattern}: no files match, and it is no folder of make-shards")
+    return [Shard(name, Path(p), -1, 0, "") for p in paths], None
 
 
 def teacher_accuracy(store_path: str | None, fingerprint: str | None, shards: list[Shard],
@@ -56,7 +72,8 @@ def report(out: HeadOutputs, alpha: float, beta: float, default_alpha: float, de
 
 
 def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "auto") -> dict:
-    """Search alpha/beta on val, then report every head and combination on test and the extra sets."""
+    """Search alpha/beta on val, then report every head and combination on test and the extra sets (a test-only set
+    over the classes it covers)."""
     dev = pick_device(device)
     student = load_student(checkpoint, dev)
     cfg = EvalConfig(**student.checkpoint["config"]["eval"])
@@ -86,6 +103,10 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
     result.update(alpha=alpha, beta=beta,
                   teacher=teacher_accuracy(student.checkpoint.get("store"), student.checkpoint.get("store_fingerprint"),
                                            manifest.splits["test"], test))
-    result["extra"] = {name: report(outputs(extra_shards(name, pattern)), alpha, beta, cfg.default_alpha,
-                                    cfg.default_beta) for name, pattern in (extra or {}).items()}
+    result["extra"] = {}
+    for name, pattern in (extra or {}).items():
+        shards, classes = extra_set(name, pattern, student.class_names)
+        out = outputs(shards) if classes is None else restrict(outputs(shards), classes)
+        scores = report(out, alpha, beta, default_alpha, cfg.default_beta)
+        result["extra"][name] = scores if classes is None else {**scores, "classes": len(classes)}
     return result
