@@ -1,24 +1,34 @@
-"""Two gloo processes under torchrun on the CPU: the same store as one process, and a DDP student run."""
+"""gloo processes under torchrun on the CPU: the same store as one process at any world size, a stage one
+stopped at one world size and finished at another, and DDP student runs whose ranks all take every step."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dho_pipeline.config import load_config
+from dho_pipeline.shards import write_shards
+from dho_pipeline.splits import split_source
 from dho_pipeline.store import TeacherStore
 from stages import cache_teacher
 from tests.conftest import write_config
 
 
-def torchrun(*args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def torchrun(*args: str, ranks: int = 2) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            "-m", "dho_pipeline.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def same_store(a: Path, b: Path) -> None:
+    x, y = TeacherStore.open(a), TeacherStore.open(b)
+    for name in ("logits", "boxes", "flips", "labels", "bad", "done", "checksums"):
+        np.testing.assert_array_equal(x.group[name][:], y.group[name][:], err_msg=name)
 
 
 def test_two_ranks_write_the_same_store_and_train(shards_dir, teacher_file, tmp_path):
@@ -28,10 +38,35 @@ def test_two_ranks_write_the_same_store_and_train(shards_dir, teacher_file, tmp_
                                  "out_dir": str(tmp_path / "run")})
     single = cache_teacher.run(load_config(config, [f"cache.store={tmp_path / 'single.zarr'}"])).path
     torchrun("cache-teacher", "-c", str(config), "--set", f"cache.store={tmp_path / 'ranks.zarr'}")
-    a, b = TeacherStore.open(single), TeacherStore.open(tmp_path / "ranks.zarr")
-    for name in ("logits", "boxes", "flips", "labels", "done"):
-        np.testing.assert_array_equal(a.group[name][:], b.group[name][:], err_msg=name)
+    same_store(single, tmp_path / "ranks.zarr")
 
     torchrun("train-student", "-c", str(config), "--set", f"cache.store={tmp_path / 'ranks.zarr'}")
     final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
     assert final["step"] == 4 and len(final["rng"]) == 2
+
+
+def test_world_sizes_that_do_not_divide_the_shards(fmnist, teacher_file, tmp_path):
+    splits = split_source(fmnist, shots=4, val_per_class=5, test_per_class=10, max_train_per_class=16, seed=1)
+    shards = write_shards(fmnist, splits, tmp_path / "shards", shard_size=48)
+    assert len(shards.shards()) == 9  # 1 labelled, 3 unlabelled, 2 val, 3 test: 9 = 2 x 4 + 1 = 4 x 2 + 1
+    config = write_config(tmp_path / "p.yaml", tmp_path / "shards", teacher_file,
+                          student={"model": "resnet10t", "image_size": 32},
+                          train={"steps": 5, "batch_labelled": 8, "batch_unlabelled": 8, "log_every": 1,
+                                 "out_dir": str(tmp_path / "run")})
+    single = cache_teacher.run(load_config(config, [f"cache.store={tmp_path / 'single.zarr'}"])).path
+
+    torchrun("cache-teacher", "-c", str(config), "--set", f"cache.store={tmp_path / 'four.zarr'}", ranks=4)
+    same_store(single, tmp_path / "four.zarr")
+
+    resumed = ["cache-teacher", "-c", str(config), "--set", f"cache.store={tmp_path / 'resumed.zarr'}"]
+    torchrun(*resumed, "--max-shards", "2", ranks=2)  # stopped after 2 shards a rank ...
+    partial = TeacherStore.open(tmp_path / "resumed.zarr")
+    assert sum(partial.shard_done(s) for s in partial.shards()) == 4
+    torchrun(*resumed, ranks=3)  # ... finished by 3 ranks
+    same_store(single, tmp_path / "resumed.zarr")
+
+    torchrun("train-student", "-c", str(config), "--set", f"cache.store={tmp_path / 'four.zarr'}", ranks=4)
+    # DDP all-reduces every step and final.pt gathers every rank's RNG state after the last one: a rank that
+    # ran out of data or stopped early would hang the others into the timeout instead
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    assert final["step"] == 5 and len(final["rng"]) == 4
