@@ -326,6 +326,40 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str,
         click.echo(f"{image}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "safetensors"]), required=True,
+              help="onnx and torchscript: one model, images to probabilities; safetensors: timm weights and heads.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file to write; its description goes beside it as OUT.json (model.onnx -> model.onnx.json).")
+@click.option("--head", type=click.Choice(["combined", "ce", "kd"]), default="combined", show_default=True,
+              help="onnx/torchscript: the searched alpha/beta combination of both heads, or one head's softmax.")
+def export(checkpoint: Path, fmt: str, out: Path, head: str) -> None:
+    """Export the student of a final.pt for serving, with its preprocessing written beside it.
+
+    \b
+      dho export runs/fmnist-dho/final.pt --format onnx --out fmnist-dho.onnx
+      dho export runs/fmnist-dho/final.pt --format torchscript --out fmnist-dho.ts --head kd
+      dho export runs/fmnist-dho/final.pt --format safetensors --out fmnist-dho.safetensors
+
+    \b
+    onnx, torchscript: input `images`, float32 (batch, 3, S, S), normalised; output `probabilities`
+    (batch, classes): p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta) with the run's alpha and
+    beta, or --head ce / kd alone. Checked against the student before the command returns. ONNX needs the
+    export extra (pip install -e '.[export]'); open_clip students export too.
+    safetensors (timm students): the backbone under timm's names and the heads as ce_head.*, kd_head.*:
+    timm.create_model(MODEL, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=OUT)).
+    OUT.json holds image size, mean, std (also as a timm data config), class names, method, alpha, beta
+    and the model name; the file itself holds the same in its metadata.
+    """
+    from dho_pipeline.export import description_path, export_student
+
+    described = export_student(checkpoint, fmt, out, head)
+    what = "backbone and both heads" if fmt == "safetensors" else (
+        f"{head} head" if head != "combined" else f"alpha {described['alpha']:.2f}, beta {described['beta']:.2f}")
+    click.echo(f"wrote {out} ({fmt}, {described['model']}, {what}) and {description_path(out)}")
+
+
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Where shards, stores, runs and results go (the teacher is reused).")
