@@ -66,6 +66,8 @@ def main(debug: bool) -> None:
       dho cache-teacher -c pipeline.yaml    # teacher logits -> Zarr store (once, big GPU)
       dho train-student -c pipeline.yaml    # dual-head student from the store (many times)
       dho evaluate runs/x/final.pt          # alpha/beta search on val, test accuracy
+      dho export runs/x/final.pt --format onnx --out x.onnx   # serve it without dho
+      dho plot runs/x runs/y --out curves.png                  # loss and val curves side by side
     """
 
 
@@ -358,6 +360,28 @@ def export(checkpoint: Path, fmt: str, out: Path, head: str) -> None:
     what = "backbone and both heads" if fmt == "safetensors" else (
         f"{head} head" if head != "combined" else f"alpha {described['alpha']:.2f}, beta {described['beta']:.2f}")
     click.echo(f"wrote {out} ({fmt}, {described['model']}, {what}) and {description_path(out)}")
+
+
+@main.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The image to write: .png, .pdf, .svg, ...")
+def plot(runs: tuple[Path, ...], out: Path) -> None:
+    """Draw the training loss and val top-1 curves of RUNS (train.out_dir folders) side by side.
+
+    \b
+      dho plot runs/fmnist-dho runs/kd runs/ce --out curves.png
+      dho plot runs/dho-seed0 runs/dho-seed1 --out seeds.pdf
+
+    Four panels against the step: the training loss, and val top-1 of the CE head, the KD head and their
+    combination at eval.default_alpha/beta (logged once an epoch). One line per run, labelled by its method
+    and seed (read from its final.pt, or last.pt while it runs). One-head runs (single_head_kd, ce_only)
+    appear in the loss and CE-head panels only: their KD head is never trained.
+    """
+    from dho_pipeline.run_plots import plot_runs
+
+    plot_runs(list(runs), out)
+    click.echo(f"wrote {out}")
 
 
 @main.command("demo")

@@ -59,6 +59,17 @@ def run_exported(fmt: str, path: Path, images: torch.Tensor) -> np.ndarray:
         return torch.jit.load(str(path))(images).numpy()
 
 
+def embedded_description(fmt: str, path: Path) -> dict:
+    """The description an ONNX or TorchScript file carries in its metadata."""
+    if fmt == "onnx":
+        import onnx
+
+        return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["dho"])
+    extra = {"dho.json": ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    return json.loads(extra["dho.json"])
+
+
 def described_inputs(description: dict, images: list[Path]) -> torch.Tensor:
     """The images preprocessed as the description says: clean view at image_size, normalised by its mean and std."""
     return normalize(clean_views(images, description["image_size"]), description["mean"], description["std"])
@@ -85,6 +96,7 @@ def check_exports_predict_as_dho_predict(run: Path, formats: list[str], images: 
         assert description["class_names"] == final["class_names"] and description["method"] == final["method"]
         assert description["model"] == final["config"]["student"]["model"]
         assert description["image_size"] == final["student_data"]["image_size"]
+        assert embedded_description(fmt, out) == description
         probabilities = run_exported(fmt, out, described_inputs(description, images))
         assert probabilities.shape == (len(images), 10)
         np.testing.assert_allclose(probabilities, expected, atol=1e-4, rtol=0, err_msg=fmt)
