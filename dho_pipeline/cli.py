@@ -357,8 +357,14 @@ def export(checkpoint: Path, fmt: str, out: Path, head: str) -> None:
     from dho_pipeline.export import description_path, export_student
 
     described = export_student(checkpoint, fmt, out, head)
-    what = "backbone and both heads" if fmt == "safetensors" else (
-        f"{head} head" if head != "combined" else f"alpha {described['alpha']:.2f}, beta {described['beta']:.2f}")
+    if fmt == "safetensors":
+        what = "backbone and both heads"
+    elif head != "combined":
+        what = f"{head} head"
+    elif described["method"] != "dho":
+        what = f"CE head, the one a {described['method']} run trains"
+    else:
+        what = f"alpha {described['alpha']:.2f}, beta {described['beta']:.2f}"
     click.echo(f"wrote {out} ({fmt}, {described['model']}, {what}) and {description_path(out)}")
 
 

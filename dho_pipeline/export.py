@@ -86,7 +86,11 @@ def export_student(checkpoint: Path, fmt: str, out: Path, head: str = "combined"
     if fmt == "safetensors" and head != "combined":
         raise ExportError("--head is for onnx and torchscript: a safetensors file holds both heads")
     description = describe(student, checkpoint, fmt, out, head)
-    WRITERS[fmt](student, head, out, description)
+    try:
+        WRITERS[fmt](student, head, out, description)
+    except ExportError:
+        out.unlink(missing_ok=True)  # a file that does not match the student is not left behind
+        raise
     description_path(out).write_text(json.dumps(description, indent=1) + "\n")
     return description
 
