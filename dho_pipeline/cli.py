@@ -81,6 +81,8 @@ def main(debug: bool) -> None:
       dho cache-teacher -c pipeline.yaml    # teacher logits -> Zarr store (once, big GPU)
       dho train-student -c pipeline.yaml    # dual-head student from the store (many times)
       dho evaluate runs/x/final.pt          # alpha/beta search on val, test accuracy
+      dho export runs/x/final.pt --format onnx --out x.onnx   # serve it without dho
+      dho plot runs/x runs/y --out curves.png                  # loss and val curves side by side
     """
 
 
@@ -454,6 +456,68 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str,
         return
     for image, top in result.items():
         click.echo(f"{image}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "safetensors"]), required=True,
+              help="onnx and torchscript: one model, images to probabilities; safetensors: timm weights and heads.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file to write; its description goes beside it as OUT.json (model.onnx -> model.onnx.json).")
+@click.option("--head", type=click.Choice(["combined", "ce", "kd"]), default="combined", show_default=True,
+              help="onnx/torchscript: the searched alpha/beta combination of both heads, or one head's softmax.")
+def export(checkpoint: Path, fmt: str, out: Path, head: str) -> None:
+    """Export the student of a final.pt for serving, with its preprocessing written beside it.
+
+    \b
+      dho export runs/fmnist-dho/final.pt --format onnx --out fmnist-dho.onnx
+      dho export runs/fmnist-dho/final.pt --format torchscript --out fmnist-dho.ts --head kd
+      dho export runs/fmnist-dho/final.pt --format safetensors --out fmnist-dho.safetensors
+
+    \b
+    onnx, torchscript: input `images`, float32 (batch, 3, S, S), normalised; output `probabilities`
+    (batch, classes): p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta) with the run's alpha and
+    beta, or --head ce / kd alone. Checked against the student before the command returns. ONNX needs the
+    export extra (pip install -e '.[export]'); open_clip students export too.
+    safetensors (timm students): the backbone under timm's names and the heads as ce_head.*, kd_head.*:
+    timm.create_model(MODEL, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=OUT)).
+    OUT.json holds image size, mean, std (also as a timm data config), class names, method, alpha, beta
+    and the model name; the file itself holds the same in its metadata.
+    """
+    from dho_pipeline.export import description_path, export_student
+
+    described = export_student(checkpoint, fmt, out, head)
+    if fmt == "safetensors":
+        what = "backbone and both heads"
+    elif head != "combined":
+        what = f"{head} head"
+    elif described["method"] != "dho":
+        what = f"CE head, the one a {described['method']} run trains"
+    else:
+        what = f"alpha {described['alpha']:.2f}, beta {described['beta']:.2f}"
+    click.echo(f"wrote {out} ({fmt}, {described['model']}, {what}) and {description_path(out)}")
+
+
+@main.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The image to write: .png, .pdf, .svg, ...")
+def plot(runs: tuple[Path, ...], out: Path) -> None:
+    """Draw the training loss and val top-1 curves of RUNS (train.out_dir folders) side by side.
+
+    \b
+      dho plot runs/fmnist-dho runs/kd runs/ce --out curves.png
+      dho plot runs/dho-seed0 runs/dho-seed1 --out seeds.pdf
+
+    Four panels against the step: the training loss, and val top-1 of the CE head, the KD head and their
+    combination at eval.default_alpha/beta (logged once an epoch). One line per run, labelled by its method
+    and seed (read from its final.pt, or last.pt while it runs). One-head runs (single_head_kd, ce_only)
+    appear in the loss and CE-head panels only: their KD head is never trained.
+    """
+    from dho_pipeline.run_plots import plot_runs
+
+    plot_runs(list(runs), out)
+    click.echo(f"wrote {out}")
 
 
 @main.command("demo")

@@ -107,6 +107,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 20
     out_dir: str = "runs/default"
+    tensorboard: bool = False  # also write TensorBoard scalars beside metrics.jsonl (the tensorboard extra)
     seed: int = 0
     device: str = "auto"
 

@@ -16,13 +16,14 @@ from types import SimpleNamespace
 import fsspec
 
 from dho_pipeline.errors import DhoError
+from dho_pipeline.extras import MissingExtra
 
-# URL scheme -> the `pip install "dho[extra]"` that brings its fsspec backend
+# URL scheme -> the extra (pyproject.toml) that brings its fsspec backend
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
 
 
-class MissingBackend(DhoError, ImportError):
-    """The fsspec backend of a URL's scheme is not installed; the message names the extra to install."""
+class LocationError(DhoError, ValueError):
+    """A URL that cannot serve what is asked of it (an unknown scheme, a write to https://, a listing of it)."""
 
 
 def is_url(value: str | Path) -> bool:
@@ -48,10 +49,10 @@ def _filesystem(protocol: str) -> fsspec.AbstractFileSystem:
         return fsspec.filesystem(protocol, **STORAGE_OPTIONS)
     except ImportError as e:
         extra = EXTRAS.get(protocol)
-        hint = f'pip install "dho[{extra}]"' if extra else f"install the fsspec backend of {protocol}://"
-        raise MissingBackend(f"{protocol}:// needs a package that is not installed ({e}); {hint}") from None
+        hint = f"pip install -e '.[{extra}]' in the dho repository" if extra else f"install fsspec's {protocol} backend"
+        raise MissingExtra(f"{protocol}:// needs a package that is not installed ({e}); {hint}") from None
     except ValueError as e:
-        raise MissingBackend(f"{protocol}://: not a storage scheme fsspec knows ({e})") from None
+        raise LocationError(f"{protocol}://: not a storage scheme fsspec knows ({e})") from None
 
 
 class UrlPath:

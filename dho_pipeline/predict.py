@@ -18,13 +18,8 @@ class NotAnImage(DhoError, ValueError):
     """A file given to `dho predict` cannot be decoded as an image; the message names it."""
 
 
-@torch.no_grad()
-def predict_files(checkpoint: Path, images: list[Path], top_k: int = 3,
-                  device: str = "auto") -> dict[str, list[tuple[str, float]]]:
-    """image path -> its top-k (class name, probability) pairs."""
-    dev = pick_device(device)
-    student = load_student(checkpoint, dev)
-    size = student.data.image_size
+def clean_views(images: list[Path], size: int) -> torch.Tensor:
+    """The clean view (centre square, resized to `size`, bicubic) of each image file: uint8 (N, 3, size, size)."""
     batch = []
     for path in images:
         data = Path(path).read_bytes()
@@ -36,7 +31,17 @@ def predict_files(checkpoint: Path, images: list[Path], top_k: int = 3,
             raise NotAnImage(f"{path}: cannot decode image: {e}") from None
         box, flip = view_params(ViewRecipe(), 0, CLEAN_VIEW, image.shape[2], image.shape[1])
         batch.append(render_view(image, box, flip, size))
-    ce, kd = student.model(normalize(torch.stack(batch).to(dev), student.data.mean, student.data.std))
+    return torch.stack(batch)
+
+
+@torch.no_grad()
+def predict_files(checkpoint: Path, images: list[Path], top_k: int = 3,
+                  device: str = "auto") -> dict[str, list[tuple[str, float]]]:
+    """image path -> its top-k (class name, probability) pairs."""
+    dev = pick_device(device)
+    student = load_student(checkpoint, dev)
+    batch = clean_views(images, student.data.image_size)
+    ce, kd = student.model(normalize(batch.to(dev), student.data.mean, student.data.std))
     probs = combine(ce.float(), kd.float(), student.alpha, student.beta).cpu()
     top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
     return {

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from dho_pipeline.errors import DhoError
-from dho_pipeline.locations import Location, UrlPath, location
+from dho_pipeline.locations import Location, LocationError, UrlPath, location
 from dho_pipeline.sources import FileSource, IdxSource, Item
 
 SPLITS = ("labelled", "unlabelled", "val", "test")
@@ -125,8 +125,8 @@ def write_shards(
                               "write to a new directory")
     if isinstance(out, UrlPath):
         if not out.writable:
-            raise ValueError(f"{out}: {out.protocol}:// is read-only; write shards to a local folder or an object "
-                             "store")
+            raise LocationError(f"{out}: {out.protocol}:// is read-only; write shards to a local folder or an "
+                                "object store")
         with tempfile.TemporaryDirectory(prefix="dho-shards-") as staging:
             return upload_shards(write_shards(source, splits, Path(staging), shard_size=shard_size, info=info), out)
     out.mkdir(parents=True, exist_ok=True)

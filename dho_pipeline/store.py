@@ -37,7 +37,7 @@ import zarr
 from tqdm import tqdm
 
 from dho_pipeline.errors import DhoError, disk_full, is_disk_full, one_line
-from dho_pipeline.locations import STORAGE_OPTIONS, Location, UrlPath, location
+from dho_pipeline.locations import STORAGE_OPTIONS, Location, LocationError, UrlPath, location
 from dho_pipeline.shards import Manifest, Shard
 
 STORE_FORMAT = "dho-teacher-store/2"  # dense logits
@@ -446,8 +446,8 @@ def _rows(shard: Shard | StoreShard) -> slice:
 def stores_under(root: Location) -> list[Location]:
     """The *.zarr folders under a cache root, by name; an https:// root cannot be listed: name the store."""
     if isinstance(root, UrlPath) and not root.writable:
-        raise ValueError(f"cache.root: {root} cannot be listed over {root.protocol}://; "
-                         "set cache.store to the store's URL")
+        raise LocationError(f"cache.root: {root} cannot be listed over {root.protocol}://; "
+                            "set cache.store to the store's URL")
     return sorted(root.glob("*.zarr"), key=str)
 
 

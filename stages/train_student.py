@@ -38,6 +38,7 @@ from dho_pipeline.student import DualHeadStudent, StudentData, build_student
 from dho_pipeline.student_stream import StreamSpec, StudentStream, clean_batches
 from dho_pipeline.teacher import Teacher, load_teacher
 from dho_pipeline.templates import resolve_templates
+from dho_pipeline.tensorboard_log import TensorBoardLog
 from dho_pipeline.tip_adapter import attach_adapter
 from dho_pipeline.views import normalize
 
@@ -92,10 +93,13 @@ def run(cfg: PipelineConfig, resume: bool = False, max_steps: int | None = None)
     student = setup_student(ctx)
     checkpoints = Checkpoints(ctx)
     start_step = checkpoints.restore(student) if resume else 0
-    metrics = MetricsLog(checkpoints.out_dir / "metrics.jsonl", start_step, ctx.runtime.is_main)
+    metrics = MetricsLog(checkpoints.out_dir / "metrics.jsonl", start_step, ctx.runtime.is_main, cfg.train.tensorboard)
     feed = setup_loaders(ctx, teacher, student.data, start_step)
     stop = ctx.total_steps if max_steps is None else min(ctx.total_steps, start_step + max_steps)
-    train(ctx, student, feed, checkpoints, metrics, range(start_step, stop))
+    try:
+        train(ctx, student, feed, checkpoints, metrics, range(start_step, stop))
+    finally:
+        metrics.close()
     if stop == ctx.total_steps:
         save_final(ctx, student, checkpoints)
     ctx.runtime.barrier()
@@ -399,10 +403,12 @@ def validate(model: torch.nn.Module, shards: list, data, device: torch.device, c
 
 class MetricsLog:
     """metrics.jsonl, one JSON object a line; on resume, lines past the checkpoint's step are dropped, and so
-    is a line cut off by a kill or a full disk (with a warning naming it)."""
+    is a line cut off by a kill or a full disk (with a warning naming it). With `tensorboard`, the same numbers
+    as TensorBoard scalars in the same folder."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
+    def __init__(self, path: Path, resume_step: int, enabled: bool, tensorboard: bool = False):
         self.path, self.enabled = path, enabled
+        self.tensorboard = TensorBoardLog(path.parent, resume_step) if enabled and tensorboard else None
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,3 +439,9 @@ class MetricsLog:
             if is_disk_full(e):
                 raise disk_full(self.path) from e
             raise
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

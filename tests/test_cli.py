@@ -12,7 +12,7 @@ def test_help_lists_every_command():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
     for command in ("make-shards", "cache-teacher", "cache", "fit-adapter", "train-student", "evaluate", "predict",
-                    "demo"):
+                    "export", "plot", "demo"):
         assert f"  {command} " in result.output, command
     cache = CliRunner().invoke(main, ["cache", "--help"])
     assert "inspect" in cache.output and "list" in cache.output

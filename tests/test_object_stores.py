@@ -193,7 +193,7 @@ def test_object_store_lock_refuses_a_second_writer_and_takes_over_a_silent_one(b
 
 def test_a_url_without_its_backend_names_the_extra():
     result = CliRunner().invoke(main, ["cache", "inspect", "gs://bucket/store.zarr"])
-    one_line_error(result, "gs://", 'pip install "dho[gcs]"')
+    one_line_error(result, "gs://", "pip install -e '.[gcs]'")
 
 
 def test_evaluate_names_a_store_that_is_not_the_one_trained_from(cached_store, shards_dir, teacher_file, tmp_path,
