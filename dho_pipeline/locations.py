@@ -6,6 +6,10 @@
 Credentials come from the environment as fsspec and the backend read them (AWS_* variables, ~/.aws,
 fsspec's own config), never from pipeline.yaml. A backend that is not installed is a one-line error that
 names the extra bringing it.
+
+Shards may be read through fsspec's local caches (`simplecache::s3://bucket/shards`, `filecache::...`): a
+shard is then fetched once per process (simplecache) or once per machine (filecache with a cache_storage
+in fsspec's config), and its sha256 is still checked on every read.
 """
 
 from __future__ import annotations
@@ -60,15 +64,21 @@ class UrlPath:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.protocol = self.url.split("://", 1)[0]
+        self.cache, _, target = self.url.rpartition("::")  # "simplecache::s3://...": read through a local copy
+        self.protocol = target.split("://", 1)[0]
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return _filesystem(self.protocol)
+        target = _filesystem(self.protocol)  # a missing backend is named, also behind a cache
+        if not self.cache:
+            return target
+        return fsspec.core.url_to_fs(self.url, **{self.protocol: STORAGE_OPTIONS})[0]
 
     @property
     def path(self) -> str:
         """The URL as the filesystem's own methods take it (without the scheme for object stores)."""
+        if self.cache:
+            return fsspec.core.url_to_fs(self.url)[1]
         return self.fs._strip_protocol(self.url)
 
     @property

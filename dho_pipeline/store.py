@@ -231,7 +231,7 @@ class TeacherStore:
     @classmethod
     def _build(cls, path: Location, layout: dict[str, ArrayLayout], attrs: dict) -> TeacherStore:
         """Create the arrays and attributes beside `path`, then publish them there whole (see `_publish`)."""
-        path = location(path)
+        path = store_location(path)
         for leftover in path.parent.glob(f"{path.name}.creating-*"):  # from writers killed while creating
             with contextlib.suppress(OSError):
                 _remove(leftover)
@@ -247,7 +247,7 @@ class TeacherStore:
     @classmethod
     def open(cls, path: Location | str, mode: str = "r") -> TeacherStore:
         """Open a finished store (folder or URL); anything else at `path` raises a StoreError that says what it is."""
-        path = location(path)
+        path = store_location(path)
         if not (path / "zarr.json").exists():
             raise FileNotFoundError(f"{path}: no teacher store here (run `dho cache-teacher` first)")
         try:
@@ -277,7 +277,7 @@ class TeacherStore:
         An interrupted creation (metadata without attributes or data) is replaced; with `overwrite`,
         anything at `path` is. Call with the store's write lock held.
         """
-        path = location(path)
+        path = store_location(path)
         if path.exists() or path.is_symlink():
             try:
                 store = cls.open(path, mode="a")
@@ -449,6 +449,15 @@ def stores_under(root: Location) -> list[Location]:
         raise LocationError(f"cache.root: {root} cannot be listed over {root.protocol}://; "
                             "set cache.store to the store's URL")
     return sorted(root.glob("*.zarr"), key=str)
+
+
+def store_location(path: Location | str) -> Location:
+    """The store's location; a cache prefix is refused (stores are read straight, one object per shard and array)."""
+    path = location(path)
+    if isinstance(path, UrlPath) and path.cache:
+        raise LocationError(f"{path}: a store is read straight from its URL (one object per shard and array); "
+                            f"drop the '{path.cache}::' prefix")
+    return path
 
 
 def _zarr_group(path: Location, mode: str) -> zarr.Group:

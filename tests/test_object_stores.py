@@ -122,15 +122,22 @@ def test_shards_and_store_on_s3_train_the_same_student(bucket, fmnist, shards_di
     assert final["store"] == f"{bucket}/store.zarr" and final["shards"] == f"{bucket}/shards"
 
 
-def test_shards_over_http_read_as_the_local_files(http_shards, shards_dir):
-    local, served = load_manifest(shards_dir), load_manifest(http_shards)
+@pytest.mark.parametrize("cache", ["", "simplecache::"])
+def test_shards_over_http_read_as_the_local_files(cache, http_shards, shards_dir):
+    local, served = load_manifest(shards_dir), load_manifest(cache + http_shards)
     shard = served.splits["unlabelled"][1]
-    assert isinstance(shard.path, UrlPath) and shard.path.url == f"{http_shards}/{shard.name}"
+    assert isinstance(shard.path, UrlPath) and shard.path.url == f"{cache}{http_shards}/{shard.name}"
     served.check_files(served.shards())
-    samples = [(s["__key__"], s["png"]) for s in iter_shard(shard)]
-    assert samples == [(s["__key__"], s["png"]) for s in iter_shard(local.splits["unlabelled"][1])]
+    expected = [(s["__key__"], s["png"]) for s in iter_shard(local.splits["unlabelled"][1])]
+    for _ in range(2):  # through a cache, the second read comes from the local copy
+        assert [(s["__key__"], s["png"]) for s in iter_shard(shard)] == expected
     with pytest.raises(ValueError, match="read-only"):
-        write_shards(None, {}, location(f"{http_shards}/new"))
+        write_shards(None, {}, location(f"{cache}{http_shards}/new"))
+
+
+def test_a_store_behind_a_cache_prefix_is_refused_in_one_line(bucket):
+    result = CliRunner().invoke(main, ["cache", "inspect", f"simplecache::{bucket}/store.zarr"])
+    one_line_error(result, "drop the 'simplecache::' prefix")
 
 
 def test_cache_copy_resumes_and_checks_the_copy(bucket, cached_store, tmp_path, monkeypatch):
