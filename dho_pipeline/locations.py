@@ -8,12 +8,18 @@ fsspec's own config), never from pipeline.yaml. A backend that is not installed 
 names the extra bringing it.
 
 Shards may be read through fsspec's local caches (`simplecache::s3://bucket/shards`, `filecache::...`): a
-shard is then fetched once per process (simplecache) or once per machine (filecache with a cache_storage
-in fsspec's config), and its sha256 is still checked on every read.
+shard is then fetched once per loader worker (simplecache, into a temporary folder of the main process,
+removed when it exits) or once per machine (filecache with a cache_storage in fsspec's config), and its
+sha256 is still checked on every read.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,6 +53,22 @@ def location(value: str | Path | UrlPath) -> Path | UrlPath:
 STORAGE_OPTIONS = {"use_listings_cache": False}
 
 
+MAIN_PID = os.getpid()  # forked loader workers inherit it, and with it the main process's simplecache folder
+
+
+@functools.cache
+def _simplecache_folder() -> Path:
+    """Where simplecache:: keeps its copies: one folder per main process, removed when that process exits.
+
+    fsspec's own temporary folder would be left behind by every loader worker (they exit without running
+    atexit), each holding a copy of its shards.
+    """
+    folder = Path(tempfile.gettempdir()) / f"dho-simplecache-{MAIN_PID}"
+    if os.getpid() == MAIN_PID:
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def _filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     """fsspec's instance for the scheme (fsspec caches it per process: async ones are not fork-safe)."""
     try:
@@ -70,16 +92,18 @@ class UrlPath:
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         target = _filesystem(self.protocol)  # a missing backend is named, also behind a cache
-        if not self.cache:
-            return target
-        return fsspec.core.url_to_fs(self.url, **{self.protocol: STORAGE_OPTIONS})[0]
+        return self._chained()[0] if self.cache else target
 
     @property
     def path(self) -> str:
         """The URL as the filesystem's own methods take it (without the scheme for object stores)."""
-        if self.cache:
-            return fsspec.core.url_to_fs(self.url)[1]
-        return self.fs._strip_protocol(self.url)
+        return self._chained()[1] if self.cache else self.fs._strip_protocol(self.url)
+
+    def _chained(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        options = {self.protocol: STORAGE_OPTIONS}
+        if self.cache == "simplecache":
+            options["simplecache"] = {"cache_storage": str(_simplecache_folder())}
+        return fsspec.core.url_to_fs(self.url, **options)
 
     @property
     def writable(self) -> bool:
@@ -130,6 +154,9 @@ class UrlPath:
         return self.fs.open(self.path, mode)
 
     def read_bytes(self) -> bytes:
+        if self.cache:  # fsspec's caches serve open(), while cat_file goes straight to the target
+            with self.open("rb") as f:
+                return f.read()
         return self.fs.cat_file(self.path)
 
     def read_text(self) -> str:
@@ -143,10 +170,14 @@ class UrlPath:
         self.write_bytes(text.encode())
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
-        self.fs.makedirs(self.path, exist_ok=True)  # object stores have no folders: nothing to make
+        """Nothing to do: object stores have no folders (and a mistyped bucket must not be created)."""
 
     def glob(self, pattern: str) -> list[UrlPath]:
         return [UrlPath(self.fs.unstrip_protocol(p)) for p in sorted(self.fs.glob(f"{self.path}/{pattern}"))]
+
+    def expand(self) -> list[UrlPath]:
+        """The files this URL's glob pattern (*, ?, [..]) matches."""
+        return [UrlPath(self.fs.unstrip_protocol(p)) for p in sorted(self.fs.glob(self.path))]
 
     def files(self) -> list[UrlPath]:
         """Every file below this folder."""

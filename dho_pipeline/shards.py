@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -116,45 +117,51 @@ def write_shards(
 
     Every split starts at a row that is a multiple of `shard_size`, so a shard is exactly one chunk
     of the teacher-logit store. Each sample holds the image bytes as found, `cls` and its global row `id`.
-    The same splits always give the same bytes. `out` may be a URL: the shards are written to a local
-    temporary folder, then uploaded, the manifest last (a folder without one is not a shard set).
+    The same splits always give the same bytes. `out` may be a URL: each shard is written to a local
+    temporary folder, uploaded as soon as it is complete and deleted, and the manifest comes last (a folder
+    without one is not a shard set), so the local disk holds one shard at a time.
     """
     out = location(out)
     if (out / MANIFEST).exists():
         raise FileExistsError(f"{out / MANIFEST} exists: shards are immutable once a store refers to them; "
                               "write to a new directory")
-    if isinstance(out, UrlPath):
-        if not out.writable:
-            raise LocationError(f"{out}: {out.protocol}:// is read-only; write shards to a local folder or an "
-                                "object store")
-        with tempfile.TemporaryDirectory(prefix="dho-shards-") as staging:
-            return upload_shards(write_shards(source, splits, Path(staging), shard_size=shard_size, info=info), out)
-    out.mkdir(parents=True, exist_ok=True)
+    remote = isinstance(out, UrlPath)
+    if remote and not out.writable:
+        raise LocationError(f"{out}: {out.protocol}:// is read-only; write shards to a local folder or an object "
+                            "store")
+    written: dict[str, tuple[str, int]] = {}  # file name -> (sha256, bytes)
+
+    def finished(file: str) -> None:
+        local = Path(file)
+        written[local.name] = (sha256_file(local), local.stat().st_size)
+        if remote:
+            out.fs.put_file(str(local), (out / local.name).path)
+            local.unlink()
+
     next_row = 0
     shards: dict[str, list[Shard]] = {}
     total = sum(len(v) for v in splits.values())
-    with tqdm(total=total, desc="make-shards", unit="img") as bar:
+    with (tempfile.TemporaryDirectory(prefix="dho-shards-") if remote else contextlib.nullcontext(out)) as staging, \
+            tqdm(total=total, desc="make-shards", unit="img") as bar:
+        Path(staging).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             items = splits.get(split, [])
             first = next_row
             if not items:  # no empty tar file for a split without samples (a test-only set has three)
                 shards[split] = []
                 continue
-            with wds.ShardWriter(str(out / f"{split}-%05d.tar"), maxcount=shard_size, verbose=0,
-                                 mtime=MEMBER_MTIME) as sink:
+            with wds.ShardWriter(str(Path(staging) / f"{split}-%05d.tar"), maxcount=shard_size, verbose=0,
+                                 mtime=MEMBER_MTIME, post=finished) as sink:
                 for i, item in enumerate(items):
                     data, ext = source.read(item.ref)
                     row = first + i
                     sink.write({"__key__": f"{row:09d}", ext: data, "cls": item.label, "id": row})
                     bar.update()
-            shards[split] = [
-                Shard(split, out / f"{split}-{k:05d}.tar", first + k * shard_size,
-                      min(shard_size, len(items) - k * shard_size), "")
-                for k in range(math.ceil(len(items) / shard_size))
-            ]
-            next_row = first + math.ceil(len(items) / shard_size) * shard_size
-    shards = {k: [Shard(s.split, s.path, s.first_row, s.count, sha256_file(s.path), s.path.stat().st_size)
-                  for s in v] for k, v in shards.items()}
+            names = [f"{split}-{k:05d}.tar" for k in range(math.ceil(len(items) / shard_size))]
+            shards[split] = [Shard(split, out / name, first + k * shard_size,
+                                   min(shard_size, len(items) - k * shard_size), *written[name])
+                             for k, name in enumerate(names)]
+            next_row = first + len(names) * shard_size
     manifest = Manifest(out, list(source.class_names), shard_size, shards, dict(info or {}))
     counts = {k: np.bincount([it.label for it in v], minlength=len(manifest.class_names)).tolist()
               for k, v in splits.items()}

@@ -146,6 +146,13 @@ class TeacherStore:
     def __init__(self, path: Location, group: zarr.Group):
         self.path = location(path)
         self.group = group
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        """One array of the store, its metadata read once (on an object store, a GET each time otherwise)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     @property
     def attrs(self) -> dict:
@@ -157,7 +164,7 @@ class TeacherStore:
 
     @property
     def num_views(self) -> int:
-        return self.group["boxes"].shape[1]
+        return self.array("boxes").shape[1]
 
     @property
     def num_classes(self) -> int:
@@ -165,7 +172,7 @@ class TeacherStore:
 
     @property
     def num_rows(self) -> int:
-        return self.group["boxes"].shape[0]
+        return self.array("boxes").shape[0]
 
     @property
     def top_k(self) -> int | None:
@@ -235,6 +242,8 @@ class TeacherStore:
         for leftover in path.parent.glob(f"{path.name}.creating-*"):  # from writers killed while creating
             with contextlib.suppress(OSError):
                 _remove(leftover)
+        if path.exists() and interrupted_creation(path):
+            _remove(path)
         building = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:8]}")
         group = _zarr_group(building, mode="w")
         for name, array in layout.items():
@@ -282,7 +291,7 @@ class TeacherStore:
             try:
                 store = cls.open(path, mode="a")
             except (StoreError, FileNotFoundError) as e:
-                if not (overwrite or _interrupted_creation(path)):
+                if not (overwrite or interrupted_creation(path)):
                     what = str(e) if isinstance(e, StoreError) else f"{path}: exists and is not a teacher store"
                     raise StoreError(f"{what}; pass --overwrite to replace it, or choose another cache.store") from None
             else:
@@ -311,14 +320,14 @@ class TeacherStore:
     def shard_done(self, shard: Shard | StoreShard) -> bool:
         """Whether the shard is marked done (an unreadable mark counts as not done: it gets recomputed)."""
         try:
-            return bool(self.group["done"][_rows(shard)].all())
+            return bool(self.array("done")[_rows(shard)].all())
         except Exception:
             return False
 
     def shard_flags(self, shard: Shard | StoreShard) -> tuple[bool, np.ndarray]:
         """(all rows done, bad-image mask) of a shard: a cheap read (its full check comes with read_shard)."""
         try:
-            return bool(self.group["done"][_rows(shard)].all()), self.group["bad"][_rows(shard)]
+            return bool(self.array("done")[_rows(shard)].all()), self.array("bad")[_rows(shard)]
         except Exception as e:
             raise StoreError(f"{self.path}: shard {shard.name}: done/bad marks unreadable ({one_line(e)}); "
                              "rerun `dho cache-teacher` with its config to recompute it") from None
@@ -330,7 +339,7 @@ class TeacherStore:
     def _write_chunk(self, name: str, shard: Shard | StoreShard, values: np.ndarray) -> None:
         """Write the shard's rows as its whole chunk (rows past the shard get the fill value): the old chunk
         is never read, so a damaged one is simply replaced."""
-        array = self.group[name]
+        array = self.array(name)
         chunk = array.chunks[0]
         start = self._chunk(shard) * chunk
         whole = np.full((min(chunk, array.shape[0] - start), *array.shape[1:]), array.fill_value, array.dtype)
@@ -345,10 +354,10 @@ class TeacherStore:
         sums = []
         try:
             for name in self.checked:
-                stored = np.asarray(values[name]).astype(self.group[name].dtype, copy=False)
+                stored = np.asarray(values[name]).astype(self.array(name).dtype, copy=False)
                 self._write_chunk(name, shard, stored)
                 sums.append(digest(stored))
-            self.group["checksums"][self._chunk(shard)] = np.array(sums, np.uint32)
+            self.array("checksums")[self._chunk(shard)] = np.array(sums, np.uint32)
             self._write_chunk("done", shard, np.ones(shard.count, bool))
         except OSError as e:
             if is_disk_full(e):
@@ -396,7 +405,7 @@ class TeacherStore:
         for name in ("done", *self.checked, "checksums"):
             at = self._chunk(shard) if name == "checksums" else rows
             try:
-                arrays[name] = self.group[name][at]
+                arrays[name] = self.array(name)[at]
             except Exception as e:
                 return arrays, f"array {name!r}: chunk unreadable ({one_line(e)})"
             if name == "done" and not arrays["done"].all():
@@ -421,7 +430,7 @@ class TeacherStore:
             return dict(zip(shards, checks, strict=True))
 
     def _chunk(self, shard: Shard | StoreShard) -> int:
-        return shard.first_row // self.group["boxes"].chunks[0]
+        return shard.first_row // self.array("boxes").chunks[0]
 
     def split_rows(self) -> dict[str, np.ndarray]:
         """The row ids of every split, from the store's own attributes."""
@@ -466,15 +475,19 @@ def _zarr_group(path: Location, mode: str) -> zarr.Group:
     return zarr.open_group(str(path), mode=mode)
 
 
-def _interrupted_creation(path: Location) -> bool:
-    """A zarr group whose creation stopped before its attributes: metadata files only, nothing to lose."""
-    if not (path / "zarr.json").is_file():
+def interrupted_creation(path: Location) -> bool:
+    """Metadata files only, and no group zarr.json with dho's attributes: a creation or publish cut short
+    (on an object store, some arrays' zarr.json may have been copied before the group's). Nothing to lose."""
+    files = _files(path)
+    if not files or any(f.name != "zarr.json" for f in files):
         return False
+    if not (path / "zarr.json").is_file():
+        return True
     try:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
     except ValueError:
         return False
-    return "format" not in attrs and all(f.name == "zarr.json" for f in _files(path))
+    return "format" not in attrs
 
 
 def _files(path: Location) -> list[Location]:

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dho_pipeline.locations import Location, location
-from dho_pipeline.store import NOT_DONE, StoreError, StoreShard, TeacherStore
+from dho_pipeline.store import NOT_DONE, StoreError, StoreShard, TeacherStore, interrupted_creation
 from dho_pipeline.store_lock import store_write_lock
 
 COPY_THREADS = 8  # shards in flight: object stores reward concurrency, and shards write disjoint chunks
@@ -66,7 +66,7 @@ def copy_store(source_path: Location | str, destination_path: Location | str, pr
 
 def open_destination(source: TeacherStore, path: Location) -> TeacherStore:
     """The store at `path` if it is a copy of `source` (a resumed copy), else a new empty one like it."""
-    if not path.exists():
+    if not path.exists() or interrupted_creation(path):
         return TeacherStore.create_like(source, path)
     destination = TeacherStore.open(path, mode="a")
     if destination.attrs["fingerprint_hash"] != source.attrs["fingerprint_hash"]:

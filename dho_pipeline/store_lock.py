@@ -5,12 +5,13 @@ exits (kill -9 included), so a lock file left behind by a dead writer is stale b
 writer takes it over. Under torchrun, rank 0 holds it for all ranks, which write disjoint shards.
 
 An object store has no flock. Its lock is a lease: numbered objects `<store>.lock/g-000001.json`, ...,
-each created only if absent (S3 If-None-Match, fsspec mode "xb"), so of two writers racing for the next
-number exactly one wins. The holder rewrites its object with a heartbeat every HEARTBEAT_S seconds and
-marks it released at the end. A writer that finds the latest lease silent for LEASE_S seconds (its holder
-was killed) takes over by creating the next number; a holder that sees a newer number has lost the lock
-and stops before its next shard write (`Lease.check`). Clocks of the machines involved must agree to
-well within LEASE_S (NTP does).
+each created only if absent (S3 If-None-Match, fsspec mode "xb"; a random nonce read back catches a server
+that ignores it), so of two writers racing for the next number exactly one wins. The holder rewrites its
+object with a heartbeat every HEARTBEAT_S seconds and marks it released at the end. A writer that finds
+the latest lease silent for LEASE_S seconds (its holder was killed) takes over by creating the next
+number. A holder that sees a newer number, finds its own lease gone, or has not landed a heartbeat for
+LEASE_S / 2 seconds stops before its next shard write (`Lease.check`). Clocks of the machines involved
+must agree to well within LEASE_S (NTP does).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dho_pipeline.errors import DhoError, warn
-from dho_pipeline.locations import Location, UrlPath, location
+from dho_pipeline.locations import Location, LocationError, UrlPath, location
 from dho_pipeline.runtime import Runtime
 
 LEASE_S = 300.0  # an object-store lock silent this long is taken over
@@ -43,10 +45,12 @@ class Lease:
 
     def __init__(self) -> None:
         self.lost_to: str | None = None
+        self.fenced: Callable[[], str | None] = lambda: None  # an object-store lease whose heartbeats stopped
 
     def check(self) -> None:
-        if self.lost_to:
-            raise StoreLocked(self.lost_to)
+        problem = self.lost_to or self.fenced()
+        if problem:
+            raise StoreLocked(problem)
 
 
 def lock_path(store: Location) -> Location:
@@ -121,7 +125,8 @@ def _holder(fd: int) -> str:
 
 
 def _holder_info() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "command": " ".join(sys.argv)}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "command": " ".join(sys.argv),
+            "nonce": uuid.uuid4().hex}
 
 
 def _describe(info: dict) -> str:
@@ -129,19 +134,90 @@ def _describe(info: dict) -> str:
     return f"pid {info['pid']} on host {info['host']} since {since} ({info['command']})"
 
 
+def _leases(folder: UrlPath) -> list[tuple[int, UrlPath]]:
+    """The lease objects g-<number>.json in the lock folder, by number; a stray object is named in one line."""
+    found = []
+    for lease in folder.glob("g-*.json"):
+        number = lease.name[2:-5]
+        if not number.isdigit():
+            raise StoreLocked(f"{lease}: not a lease of dho's lock (expected g-<number>.json); remove it")
+        found.append((int(number), lease))
+    return sorted(found, key=lambda item: item[0])
+
+
+LEASE_FIELDS = ("host", "pid", "since", "command", "heartbeat")
+
+
+def _read_lease(lease: UrlPath) -> dict:
+    try:
+        info = json.loads(lease.read_text())
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or any(field not in info for field in LEASE_FIELDS):
+        raise StoreLocked(f"{lease}: an unreadable lease in the store's lock; remove it if no writer is running")
+    return info
+
+
+class _Heartbeat(threading.Thread):
+    """Rewrites the holder's lease every HEARTBEAT_S seconds and watches for a lease numbered above it.
+
+    The holder fences itself: `Lease.check` fails once a newer lease exists, its own lease is gone or was
+    overwritten by another writer (a server that ignores If-None-Match), or no heartbeat has landed for
+    LEASE_S / 2 seconds (a failing or stalled connection), before anyone may take the lock over.
+    """
+
+    def __init__(self, store: UrlPath, number: int, mine: UrlPath, info: dict, lease: Lease):
+        super().__init__(name="store-lock-heartbeat", daemon=True)
+        self.store, self.number, self.mine, self.info, self.lease = store, number, mine, info, lease
+        self.stop = threading.Event()
+        self.last_beat = time.monotonic()
+        lease.fenced = self.fenced
+
+    def run(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                self.beat()
+            except StoreLocked as e:
+                self.lease.lost_to = str(e)
+                return
+            except Exception as e:  # a failed write is retried next time; too many and the holder fences itself
+                warn(f"{self.store}: lock heartbeat failed ({type(e).__name__}: {e}); retrying")
+
+    def beat(self) -> None:
+        newer = [lease for number, lease in _leases(self.mine.parent) if number > self.number]
+        if newer:
+            raise StoreLocked(f"{self.store}: lost the write lock to {_describe(_read_lease(newer[-1]))}; "
+                              "stopping before the next shard write")
+        if not self.mine.exists() or _read_lease(self.mine)["nonce"] != self.info["nonce"]:
+            raise StoreLocked(f"{self.store}: this process's lease {self.mine} was removed or overwritten by "
+                              "another writer; stopping before the next shard write")
+        self.mine.write_text(json.dumps({**self.info, "heartbeat": time.time()}))
+        self.last_beat = time.monotonic()
+
+    def fenced(self) -> str | None:
+        silent = time.monotonic() - self.last_beat
+        if silent > LEASE_S / 2:
+            return (f"{self.store}: no lock heartbeat has landed for {silent:.0f} s; stopping before the next "
+                    "shard write, as another writer may take the lock over")
+        return None
+
+
 @contextlib.contextmanager
 def _object_store_lock(store: UrlPath) -> Iterator[Lease]:
     """The lease lock of a store on an object store (see the module docstring)."""
+    if not store.writable:
+        raise LocationError(f"{store}: {store.protocol}:// is read-only; stage one and `cache copy` write stores "
+                            "to a local folder or an object store")
     folder = lock_path(store)
-    leases = folder.glob("g-*.json")
-    number = int(leases[-1].name[2:8]) if leases else 0
+    leases = _leases(folder)
+    number = leases[-1][0] if leases else 0
     if leases:
-        latest = json.loads(leases[-1].read_text())
+        latest = _read_lease(leases[-1][1])
         silent = time.time() - latest["heartbeat"]
         if not latest.get("released") and silent < LEASE_S:
             raise StoreLocked(f"{store}: being written by {_describe(latest)}, last heard from {silent:.0f} s ago; "
                               f"wait for it to finish or stop it (a stopped writer's lock is taken over "
-                              f"{LEASE_S:.0f} s after its last heartbeat; lock {leases[-1]})")
+                              f"{LEASE_S:.0f} s after its last heartbeat; lock {leases[-1][1]})")
         if not latest.get("released"):
             warn(f"{store}: taking over the lock left by {_describe(latest)} (silent for {silent:.0f} s)")
     mine, info = folder / f"g-{number + 1:06d}.json", _holder_info()
@@ -151,27 +227,19 @@ def _object_store_lock(store: UrlPath) -> Iterator[Lease]:
     except FileExistsError:
         raise StoreLocked(f"{store}: another writer took the lock at the same moment ({mine}); rerun to see "
                           "who holds it") from None
-    lease, stop = Lease(), threading.Event()
-    newer = folder / f"g-{number + 2:06d}.json"
-
-    def heartbeat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            if newer.exists():
-                lease.lost_to = (f"{store}: lost the write lock to {_describe(json.loads(newer.read_text()))} "
-                                 f"(this process was silent for over {LEASE_S:.0f} s); stopping before the next "
-                                 "shard write")
-                return
-            mine.write_text(json.dumps({**info, "heartbeat": time.time()}))
-
-    beating = threading.Thread(target=heartbeat, name="store-lock-heartbeat", daemon=True)
+    if _read_lease(mine)["nonce"] != info["nonce"]:  # the server ignored If-None-Match and another write won
+        raise StoreLocked(f"{store}: another writer took the lock at the same moment ({mine}), and this server "
+                          "does not refuse a second create (S3 If-None-Match); rerun to see who holds it")
+    lease = Lease()
+    beating = _Heartbeat(store, number + 1, mine, info, lease)
     beating.start()
     try:
         yield lease
     finally:
-        stop.set()
+        beating.stop.set()
         beating.join()
         if not lease.lost_to:
             mine.write_text(json.dumps({**info, "heartbeat": time.time(), "released": True}))
-            for old in leases:  # every earlier lease; this released one stays the latest
+            for _, old in leases:  # every earlier lease; this released one stays the latest
                 with contextlib.suppress(FileNotFoundError):
                     old.remove()

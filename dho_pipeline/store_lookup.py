@@ -3,6 +3,7 @@ and a finished one by the config that asked for it (before stage one builds the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from dho_pipeline.config import PipelineConfig
 from dho_pipeline.errors import one_line, warn
-from dho_pipeline.locations import Location
+from dho_pipeline.locations import Location, UrlPath
 from dho_pipeline.shards import Manifest, sha256_file
 from dho_pipeline.store import (
     StoreError,
@@ -104,7 +105,8 @@ def finished_store(cfg: PipelineConfig, request: str) -> Location | None:
             continue
         if store.attrs.get("request") != request or not all(store.shard_done(s) for s in store.shards()):
             continue
-        with store_write_lock(path):
+        read_only = isinstance(path, UrlPath) and not path.writable  # nobody writes it: no lock to take
+        with contextlib.nullcontext() if read_only else store_write_lock(path):
             if all(problem is None for problem in store.check_shards(progress=True).values()):
                 return path
     return None

@@ -11,7 +11,7 @@ import torch
 from dho_pipeline.config import EvalConfig
 from dho_pipeline.errors import warn
 from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs, restrict, search_alpha_beta
-from dho_pipeline.locations import location
+from dho_pipeline.locations import UrlPath, location
 from dho_pipeline.runtime import pick_device
 from dho_pipeline.shards import MANIFEST, Shard, ShardDataError, load_manifest
 from dho_pipeline.store import TeacherStore
@@ -38,10 +38,11 @@ def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Sha
         manifest.check_files(shards)
         covers = manifest.info.get("covers")
         return shards, None if covers is None else [class_names.index(c) for c in covers]
-    paths = sorted(glob.glob(pattern))
+    where = location(pattern)
+    paths = where.expand() if isinstance(where, UrlPath) else [Path(p) for p in sorted(glob.glob(pattern))]
     if not paths:
         raise FileNotFoundError(f"--shards {name}={pattern}: no files match, and it is no folder of make-shards")
-    return [Shard(name, Path(p), -1, 0, "") for p in paths], None
+    return [Shard(name, p, -1, 0, "") for p in paths], None
 
 
 def teacher_accuracy(store_path: str | None, fingerprint: str | None, shards: list[Shard],

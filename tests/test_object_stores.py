@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import http.server
 import json
@@ -64,6 +65,12 @@ def http_shards(shards_dir):
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    gets: collections.Counter = collections.Counter()  # path -> GET requests served
+
+    def do_GET(self) -> None:
+        QuietHandler.gets[self.path] += 1
+        super().do_GET()
+
     def log_message(self, *args) -> None:
         pass
 
@@ -129,8 +136,14 @@ def test_shards_over_http_read_as_the_local_files(cache, http_shards, shards_dir
     assert isinstance(shard.path, UrlPath) and shard.path.url == f"{cache}{http_shards}/{shard.name}"
     served.check_files(served.shards())
     expected = [(s["__key__"], s["png"]) for s in iter_shard(local.splits["unlabelled"][1])]
-    for _ in range(2):  # through a cache, the second read comes from the local copy
+    served = []  # GET requests for the shard after each read
+    for _ in range(3):
         assert [(s["__key__"], s["png"]) for s in iter_shard(shard)] == expected
+        served.append(QuietHandler.gets[f"/{shard.name}"])
+    if cache:  # fetched by the first read only; later reads come from the local copy
+        assert served[0] > 0 and served[2] == served[0], served
+    else:
+        assert served[2] > served[1] > served[0], served
     with pytest.raises(ValueError, match="read-only"):
         write_shards(None, {}, location(f"{cache}{http_shards}/new"))
 
@@ -151,11 +164,12 @@ def test_cache_copy_resumes_and_checks_the_copy(bucket, cached_store, tmp_path, 
         written.append(shard.name)
         real_write(store, shard, **arrays)
 
-    monkeypatch.setattr("dho_pipeline.store_copy.COPY_THREADS", 1)
+    monkeypatch.setattr("dho_pipeline.store_copy.COPY_THREADS", 1)  # in order, so the first four are known
     monkeypatch.setattr(TeacherStore, "write_shard", killed_after_four)
     with pytest.raises(KeyboardInterrupt):
         copy_store(cached_store, f"{bucket}/copy.zarr", progress=False)
     monkeypatch.setattr(TeacherStore, "write_shard", real_write)
+    monkeypatch.setattr("dho_pipeline.store_copy.COPY_THREADS", 8)
     partial = TeacherStore.open(f"{bucket}/copy.zarr")
     assert [s.name for s in shards if partial.shard_done(s)] == written
 
@@ -166,6 +180,11 @@ def test_cache_copy_resumes_and_checks_the_copy(bucket, cached_store, tmp_path, 
     back = copy_store(f"{bucket}/copy.zarr", tmp_path / "back.zarr", progress=False)  # S3 -> local
     assert back.copied == len(shards)
     same_arrays(TeacherStore.open(tmp_path / "back.zarr"), TeacherStore.open(cached_store))
+
+    cut_short = location(f"{bucket}/cut-short.zarr")  # a publish stopped before the group's zarr.json
+    cut_short.fs.copy(location(f"{bucket}/copy.zarr/logits/zarr.json").path, (cut_short / "logits/zarr.json").path)
+    assert copy_store(cached_store, cut_short, progress=False).copied == len(shards)
+    same_arrays(TeacherStore.open(cut_short), TeacherStore.open(cached_store))
 
     TeacherStore.open(tmp_path / "back.zarr", mode="a").group.attrs["fingerprint_hash"] = "0" * 64  # another store
     result = CliRunner().invoke(main, ["cache", "copy", str(cached_store), str(tmp_path / "back.zarr")])
@@ -196,6 +215,31 @@ def test_object_store_lock_refuses_a_second_writer_and_takes_over_a_silent_one(b
             time.sleep(0.05)
         with pytest.raises(store_lock.StoreLocked, match="lost the write lock to pid 7 on host other"):
             lease.check()
+
+
+def test_two_writers_racing_for_the_same_lease_number(bucket, monkeypatch):
+    store = location(f"{bucket}/x.zarr")
+    with store_lock.store_write_lock(store):  # holds g-000001.json; the other writer listed the folder before it
+        monkeypatch.setattr(store_lock, "_leases", lambda folder: [])
+        with pytest.raises(store_lock.StoreLocked, match="another writer took the lock at the same moment"):
+            with store_lock.store_write_lock(store):
+                pass
+
+
+def test_a_holder_whose_heartbeats_fail_stops_before_it_can_be_taken_over(bucket, monkeypatch, capsys):
+    monkeypatch.setattr(store_lock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(store_lock, "LEASE_S", 1.0)
+
+    def unreachable(self) -> None:
+        raise OSError("connection reset by peer")
+
+    with store_lock.store_write_lock(location(f"{bucket}/x.zarr")) as lease:
+        monkeypatch.setattr(store_lock._Heartbeat, "beat", unreachable)
+        lease.check()
+        time.sleep(0.7)  # past LEASE_S / 2 without a heartbeat landing
+        with pytest.raises(store_lock.StoreLocked, match="no lock heartbeat has landed"):
+            lease.check()
+    assert "lock heartbeat failed (OSError: connection reset by peer); retrying" in capsys.readouterr().err
 
 
 def test_a_url_without_its_backend_names_the_extra():
