@@ -154,9 +154,6 @@ class UrlPath:
         return self.fs.open(self.path, mode)
 
     def read_bytes(self) -> bytes:
-        if self.cache:  # fsspec's caches serve open(), while cat_file goes straight to the target
-            with self.open("rb") as f:
-                return f.read()
         return self.fs.cat_file(self.path)
 
     def read_text(self) -> str:
