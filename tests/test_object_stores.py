@@ -259,3 +259,20 @@ def test_evaluate_names_a_store_that_is_not_the_one_trained_from(cached_store, s
     TeacherStore.open(store, mode="a").group.attrs["fingerprint_hash"] = "f" * 64  # another store at that path
     assert evaluate_stage.run(run / "final.pt")["teacher"] is None
     assert f"{store}: not the store this student was trained from (fingerprint ffffffffffff" in capsys.readouterr().err
+
+
+def test_stage_one_stops_before_the_next_shard_once_its_lease_is_lost(shards_dir, teacher_file, tmp_path,
+                                                                       monkeypatch):
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(tmp_path / "s.zarr")})
+    checks = []
+
+    def lost_after_two(lease) -> None:
+        checks.append(1)
+        if len(checks) > 2:
+            raise store_lock.StoreLocked("lost the write lock to pid 7 on host other")
+
+    monkeypatch.setattr(store_lock.Lease, "check", lost_after_two)
+    with pytest.raises(store_lock.StoreLocked, match="lost the write lock"):
+        cache_teacher.run(load_config(config))
+    store = TeacherStore.open(tmp_path / "s.zarr")
+    assert sum(store.shard_done(s) for s in store.shards()) == 2
