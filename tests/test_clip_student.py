@@ -19,7 +19,7 @@ def fake_results() -> dict:
                              "val": base, "alpha": 0.5 if method == "dho" else None, "train_s": 10.0,
                              "resumed_from_step": 0, "val_curve": curve})
     setup = {"budgets": ["1%", "10%"], "methods": ["ce_only", "single_head_kd", "dho"], "seeds": [0, 1],
-             "epochs": 3, "lr": 2e-4, "pool_images": 10000, "test_images": 10000,
+             "epochs": 3, "lr": 1e-3, "pool_images": 10000, "test_images": 10000,
              "labelled_images": {"1%": 100, "10%": 1000}}
     return {"setup": setup, "runs": runs, "zero_shot": {"student": 0.72, "teacher": 0.88}}
 
@@ -42,4 +42,4 @@ def test_smoke_flags_name_their_own_folder():
     args = parse_args(["--epochs", "1", "--seeds", "0", "--pool-per-class", "100", "--test-per-class", "100"])
     assert (args.epochs, args.seeds, args.methods) == (1, [0], ["ce_only", "single_head_kd", "dho"])
     smoke = Setup(pool_per_class=100, test_per_class=100, epochs=1)
-    assert smoke.name == "pool100pc-test100-1ep-lr0.0002" != Setup().name
+    assert smoke.name == "pool100pc-test100-1ep-lr0.001" != Setup().name
