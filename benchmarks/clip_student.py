@@ -64,7 +64,11 @@ Outputs: the JSON (`--json`, default docs/clip-student.json), a markdown table a
 the strong teacher is pretrained the demo's way into OUT/teacher/ (332 s on 2 cores in views_vs_online's
 measurement, once); the student CLIP took 3.5 minutes here, with the cores shared.
 
-Cost on 2 shared CPU cores (2026-11-27): see the JSON's `wall_s_this_invocation` and each run's `train_s`.
+Cost on 2 CPU cores shared with three other engineers' jobs (2026-11-27), every figure in the JSONs: stage one
+106-108 s a store at 4 views, 130-146 s at 8 (1.2 and 2.0 MB); a run's `train_s` varied 3x with the others'
+load: at 4 epochs CE-only 76-210 s, single-head KD 151-438 s, DHO 157-395 s; at 8 epochs 130-372 s, 294-677 s
+and 242-765 s; evaluating one on val and test 5-7 s. The 4-epoch table's invocation took 51 minutes (03:32 to
+04:23, the 8-epoch runs running beside it from 03:45).
 """
 
 from __future__ import annotations
