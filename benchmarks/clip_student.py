@@ -66,9 +66,10 @@ measurement, once); the student CLIP took 3.5 minutes here, with the cores share
 
 Cost on 2 CPU cores shared with three other engineers' jobs (2026-11-27), every figure in the JSONs: stage one
 106-108 s a store at 4 views, 130-146 s at 8 (1.2 and 2.0 MB); a run's `train_s` varied 3x with the others'
-load: at 4 epochs CE-only 76-210 s, single-head KD 151-438 s, DHO 157-395 s; at 8 epochs 130-372 s, 294-677 s
+load: at 4 epochs CE-only 76-210 s, single-head KD 151-438 s, DHO 157-395 s; at 8 epochs 130-372 s, 282-677 s
 and 242-765 s; evaluating one on val and test 5-7 s. The 4-epoch table's invocation took 51 minutes (03:32 to
-04:23, the 8-epoch runs running beside it from 03:45).
+04:23, the 8-epoch runs running beside it from 03:45); the 8-epoch one 48.6 minutes (4:13 to 5:02, with 2 of its 12 runs
+already done).
 """
 
 from __future__ import annotations
