@@ -151,10 +151,14 @@ def write_config(folder: Path, shards: Path, teacher: Path, setup: Setup, steps_
         "cache": {"root": str((folder.parent / "cache").resolve())},  # shared: equal shards and K share a store
         "student": {"model": "resnet10t", "image_size": 32},
         "train": {"epochs": setup.epochs, "batch_labelled": setup.batch, "batch_unlabelled": setup.batch,
-                  "log_every": steps_per_epoch, "channels_last": True,
-                  "checkpoint_every": CHECKPOINT_EPOCHS * steps_per_epoch,
-                  "out_dir": str((folder / "runs").resolve())},
+                  "log_every": steps_per_epoch, "channels_last": True},
     }
+    return write_pipeline_yaml(folder, doc, CHECKPOINT_EPOCHS * steps_per_epoch)
+
+
+def write_pipeline_yaml(folder: Path, doc: dict, checkpoint_every: int) -> Path:
+    """FOLDER/pipeline.yaml from `doc`, its runs under FOLDER/runs with last.pt every `checkpoint_every` steps."""
+    doc["train"].update(checkpoint_every=checkpoint_every, out_dir=str((folder / "runs").resolve()))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pipeline.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -376,21 +380,31 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def save_outputs(results: dict, json_path: Path, table, draw) -> None:
+    """The results JSON, its markdown `table(results)` (.md) and `draw(results, png)` (.png) beside it."""
+    write_json(json_path, results)
+    json_path.with_suffix(".md").write_text(table(results))
+    draw(results, json_path.with_suffix(".png"))
+
+
 def write_outputs(results: dict, json_path: Path) -> None:
     results["summary"] = aggregate(results)
     results["smallest_k"] = smallest_k(results)
-    write_json(json_path, results)
-    json_path.with_suffix(".md").write_text(results_table(results))
-    plot(results, json_path.with_suffix(".png"))
+    save_outputs(results, json_path, results_table, plot)
+
+
+def output_parser(doc: str, name: str, work: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with --out (work folder runs/NAME) and --json (docs/NAME.json; .md, .png beside it)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / name,
+                   help=f"work folder: {work} (default runs/{name})")
+    p.add_argument("--json", type=Path, default=REPO / "docs" / f"{name}.json",
+                   help=f"results JSON; the .md table and .png plot go beside it (default docs/{name}.json)")
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "views-vs-online",
-                   help="work folder: teacher, shards, stores, runs (default runs/views-vs-online)")
-    p.add_argument("--json", type=Path, default=REPO / "docs" / "views-vs-online.json",
-                   help="results JSON; the .md table and .png plot go beside it (default docs/views-vs-online.json)")
+    p = output_parser(__doc__, "views-vs-online", "teacher, shards, stores, runs")
     p.add_argument("--demo-out", type=Path, help="a finished `dho demo` folder whose strong teacher file to reuse")
     p.add_argument("--teacher", type=Path, help="the teacher checkpoint file itself (dho-tiny-clip)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="cached views K")
