@@ -170,15 +170,19 @@ class UrlPath:
         """Nothing to do: object stores have no folders (and a mistyped bucket must not be created)."""
 
     def glob(self, pattern: str) -> list[UrlPath]:
-        return [UrlPath(self.fs.unstrip_protocol(p)) for p in sorted(self.fs.glob(f"{self.path}/{pattern}"))]
+        return self._urls(self.fs.glob(f"{self.path}/{pattern}"))
 
     def expand(self) -> list[UrlPath]:
         """The files this URL's glob pattern (*, ?, [..]) matches."""
-        return [UrlPath(self.fs.unstrip_protocol(p)) for p in sorted(self.fs.glob(self.path))]
+        return self._urls(self.fs.glob(self.path))
 
     def files(self) -> list[UrlPath]:
         """Every file below this folder."""
-        return [UrlPath(self.fs.unstrip_protocol(p)) for p in self.fs.find(self.path)]
+        return self._urls(self.fs.find(self.path))
+
+    def _urls(self, paths: list[str]) -> list[UrlPath]:
+        """The filesystem's paths as URLs, sorted."""
+        return [UrlPath(self.fs.unstrip_protocol(p)) for p in sorted(paths)]
 
     def total_bytes(self) -> int:
         return int(self.fs.du(self.path, total=True))

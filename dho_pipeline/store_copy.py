@@ -46,8 +46,9 @@ def copy_store(source_path: Location | str, destination_path: Location | str, pr
     with store_write_lock(destination_path) as lease:
         destination = open_destination(source, destination_path)
         checks = destination.check_shards(progress=progress)
-        todo = [s for s in source.shards() if checks[s] is not None and source.shard_done(s)]
-        not_computed = [s for s in source.shards() if not source.shard_done(s)]
+        done = {s: source.shard_done(s) for s in source.shards()}
+        todo = [s for s, finished in done.items() if finished and checks[s] is not None]
+        not_computed = [s for s, finished in done.items() if not finished]
 
         def copy_shard(shard: StoreShard) -> int:
             lease.check()
@@ -59,9 +60,8 @@ def copy_store(source_path: Location | str, destination_path: Location | str, pr
             sizes = list(tqdm(pool.map(copy_shard, todo), total=len(todo), desc=f"copy to {destination_path}",
                               unit="shard", disable=not progress))
         check_copy(source, destination)
-    return CopyReport(str(source.path), str(destination.path), len(todo), len(source.shards()) - len(todo)
-                      - len(not_computed), len(not_computed), sum(sizes), time.perf_counter() - started,
-                      source.attrs["fingerprint_hash"])
+    return CopyReport(str(source.path), str(destination.path), len(todo), len(done) - len(todo) - len(not_computed),
+                      len(not_computed), sum(sizes), time.perf_counter() - started, source.attrs["fingerprint_hash"])
 
 
 def open_destination(source: TeacherStore, path: Location) -> TeacherStore:

@@ -72,8 +72,7 @@ def store_write_lock(store: Location | str) -> Iterator[Lease]:
     if left_behind:
         warn(f"{store}: taking over the lock left by {left_behind} (no longer running)")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
-                              "command": " ".join(sys.argv)}).encode(), 0)
+    os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
     try:
         yield Lease()  # the kernel never takes an flock away
     finally:
@@ -117,9 +116,7 @@ def _acquire(path: Path, store: Path) -> int:
 def _holder(fd: int) -> str:
     """'pid P on host H since T' from the lock file's contents ('' for an empty or unreadable file)."""
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"null")
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
-        return f"pid {info['pid']} on host {info['host']} since {since} ({info['command']})"
+        return _describe(json.loads(os.pread(fd, 4096, 0) or b"null"))
     except (ValueError, TypeError, KeyError):
         return ""
 

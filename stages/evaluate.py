@@ -26,8 +26,9 @@ def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Sha
     A folder of make-shards gives its test split, checked against its manifest; a set made with --test-only
     covers the training classes its manifest lists. A glob pattern gives its tar files, unchecked (no manifest).
     """
-    if (location(pattern) / MANIFEST).is_file():
-        manifest = load_manifest(pattern)
+    where = location(pattern)
+    if (where / MANIFEST).is_file():
+        manifest = load_manifest(where)
         if manifest.class_names != class_names:
             raise ShardDataError(f"--shards {name}={pattern}: {manifest.root / MANIFEST} has other classes than the "
                                  f"student ({len(manifest.class_names)} against {len(class_names)}); make the set "
@@ -38,7 +39,6 @@ def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Sha
         manifest.check_files(shards)
         covers = manifest.info.get("covers")
         return shards, None if covers is None else [class_names.index(c) for c in covers]
-    where = location(pattern)
     paths = where.expand() if isinstance(where, UrlPath) else [Path(p) for p in sorted(glob.glob(pattern))]
     if not paths:
         raise FileNotFoundError(f"--shards {name}={pattern}: no files match, and it is no folder of make-shards")
