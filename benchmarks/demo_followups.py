@@ -6,8 +6,10 @@
 * Both settings trained 4x longer (1,000 steps): CE-only, single-head KD and DHO.
 
 Every run goes through the real stages (`cache_teacher`, `train_student`, `evaluate`) on the demo's own
-pipeline.yaml files and shards; the demo's runs are evaluated again as the baselines. Selection is on val,
-test is reported beside it. Writes a markdown table and OUT/followups.json. Usage:
+pipeline.yaml files, shards and teachers, with the overrides that pin the settings it was recorded with
+(the weak-teacher setting at 250 steps and 4 views). Runs already trained are only evaluated, so the script
+resumes. Selection is on val, test is reported beside it. Writes a markdown table and OUT/followups.json.
+Usage:
 
     dho demo --out demo-out && python benchmarks/demo_followups.py demo-out
 """
@@ -23,44 +25,51 @@ from dho_pipeline.config import load_config
 from stages import cache_teacher, evaluate, train_student
 
 WEAK, FEW_SHOT, TEN_PERCENT = "10pct-weak-teacher", "16-shot", "10pct"
-# (setting folder, run name, overrides); run names that the demo already trained are only evaluated.
+# The weak-teacher setting as the demo ran it before it moved to 1,000 steps and 8 views.
+WEAK_250 = ["views.count=4", "train.steps=250"]
+WEAK_1000 = ["views.count=4", "train.steps=1000"]
+KD, CE = "train.method=single_head_kd", "train.method=ce_only"
+# (setting folder, run name, overrides of the demo's pipeline.yaml; train.method is dho unless set)
 RUNS = [
-    (TEN_PERCENT, "ce_only-seed0", []),
-    (WEAK, "single_head_kd-seed0", []),
-    (WEAK, "single_head_kd-seed1", []),
-    (WEAK, "dho-seed0", []),
-    (WEAK, "dho-seed1", []),
-    (WEAK, "single_head_kd-T1-seed0", ["train.method=single_head_kd", "train.temperature=1"]),
-    (WEAK, "dho-T1-seed0", ["train.temperature=1"]),
-    (WEAK, "dho-T1-seed1", ["train.temperature=1", "train.seed=1"]),
-    (WEAK, "dho-T4-seed0", ["train.temperature=4"]),
-    (WEAK, "dho-tip-adapter-seed0", ["teacher.kind=tip-adapter"]),
+    (TEN_PERCENT, "ce_only-seed0", [CE]),
+    (WEAK, "single_head_kd-seed0", [*WEAK_250, KD]),
+    (WEAK, "single_head_kd-seed1", [*WEAK_250, KD, "train.seed=1"]),
+    (WEAK, "dho-seed0", WEAK_250),
+    (WEAK, "dho-seed1", [*WEAK_250, "train.seed=1"]),
+    (WEAK, "single_head_kd-T1-seed0", [*WEAK_250, KD, "train.temperature=1"]),
+    (WEAK, "dho-T1-seed0", [*WEAK_250, "train.temperature=1"]),
+    (WEAK, "dho-T1-seed1", [*WEAK_250, "train.temperature=1", "train.seed=1"]),
+    (WEAK, "dho-T4-seed0", [*WEAK_250, "train.temperature=4"]),
+    (WEAK, "dho-tip-adapter-seed0", [*WEAK_250, "teacher.kind=tip-adapter"]),
     (FEW_SHOT, "dho-seed0", []),
-    (FEW_SHOT, "dho-seed1", []),
+    (FEW_SHOT, "dho-seed1", ["train.seed=1"]),
     (FEW_SHOT, "dho-tip-adapter-seed0", ["teacher.kind=tip-adapter"]),
     (FEW_SHOT, "dho-tip-adapter-seed1", ["teacher.kind=tip-adapter", "train.seed=1"]),
     (FEW_SHOT, "dho-tip-adapter-f-seed0", ["teacher.kind=tip-adapter-f"]),
     (FEW_SHOT, "dho-tip-adapter-f-seed1", ["teacher.kind=tip-adapter-f", "train.seed=1"]),
     # 4x the demo's 250 steps: do the students, still improving at 250, separate when trained longer?
-    (WEAK, "ce_only-1000steps-seed0", ["train.method=ce_only", "train.steps=1000"]),
-    (WEAK, "single_head_kd-1000steps-seed0", ["train.method=single_head_kd", "train.steps=1000"]),
-    (WEAK, "dho-1000steps-seed0", ["train.steps=1000"]),
-    (WEAK, "dho-T1-1000steps-seed0", ["train.temperature=1", "train.steps=1000"]),
-    (WEAK, "single_head_kd-1000steps-seed1", ["train.method=single_head_kd", "train.steps=1000", "train.seed=1"]),
-    (WEAK, "dho-1000steps-seed1", ["train.steps=1000", "train.seed=1"]),
-    (FEW_SHOT, "ce_only-1000steps-seed0", ["train.method=ce_only", "train.steps=1000"]),
-    (FEW_SHOT, "single_head_kd-1000steps-seed0", ["train.method=single_head_kd", "train.steps=1000"]),
+    (WEAK, "ce_only-1000steps-seed0", [*WEAK_1000, CE]),
+    (WEAK, "single_head_kd-1000steps-seed0", [*WEAK_1000, KD]),
+    (WEAK, "dho-1000steps-seed0", WEAK_1000),
+    (WEAK, "dho-T1-1000steps-seed0", [*WEAK_1000, "train.temperature=1"]),
+    (WEAK, "single_head_kd-1000steps-seed1", [*WEAK_1000, KD, "train.seed=1"]),
+    (WEAK, "dho-1000steps-seed1", [*WEAK_1000, "train.seed=1"]),
+    (FEW_SHOT, "ce_only-1000steps-seed0", [CE, "train.steps=1000"]),
+    (FEW_SHOT, "single_head_kd-1000steps-seed0", [KD, "train.steps=1000"]),
     (FEW_SHOT, "dho-1000steps-seed0", ["train.steps=1000"]),
-    (FEW_SHOT, "single_head_kd-1000steps-seed1", ["train.method=single_head_kd", "train.steps=1000",
-                                                  "train.seed=1"]),
+    (FEW_SHOT, "single_head_kd-1000steps-seed1", [KD, "train.steps=1000", "train.seed=1"]),
     (FEW_SHOT, "dho-1000steps-seed1", ["train.steps=1000", "train.seed=1"]),
 ]
 
 
 def follow_up(demo_out: Path, folder: str, name: str, overrides: list[str]) -> dict:
-    """Train (unless the demo did) and evaluate one run; val and test top-1 of what its method deploys."""
+    """Train (unless an earlier call did) and evaluate one run; val and test top-1 of what its method deploys.
+
+    Runs live in the setting's `followups/` folder, apart from the demo's own runs, so a change to the demo's
+    plan never passes one of its runs off as a follow-up.
+    """
     config = demo_out / folder / "pipeline.yaml"
-    run_dir = demo_out / folder / "runs" / name
+    run_dir = demo_out / folder / "followups" / name
     if not (run_dir / "final.pt").exists():
         settings = ["train.method=dho", *overrides, f"train.out_dir={run_dir}"]
         cache_teacher.run(load_config(config, settings))  # a no-op when the store is complete
