@@ -149,13 +149,15 @@ def batch_shards(shards_dir: Path, cached_store: Path, step: int) -> list[str]:
     return [s.path.name for s in manifest.shards() if any(r in s.rows for r in rows)]
 
 
-@pytest.mark.parametrize(("lr", "what"), [(1e9, "the loss is nan"), (1e5, "the weights are not finite")])
+# At lr 1e9 the first bad loss is nan or inf, depending on the CPU's thread count (inf with one thread).
+@pytest.mark.parametrize(("lr", "what"), [(1e9, r"the loss is -?(nan|inf)\b"), (1e5, "the weights are not finite")])
 def test_a_diverging_run_stops_at_that_step_and_keeps_the_last_good_checkpoint(lr, what, cached_store, shards_dir,
                                                                                teacher_file, tmp_path):
     config = train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=6, checkpoint_every=1, log_every=1,
                           lr=lr)
     last = tmp_path / "run" / "last.pt"
-    message = one_line_error(train(config), what, f"the last good checkpoint {last}")
+    message = one_line_error(train(config), f"the last good checkpoint {last}")
+    assert re.search(what, message), message
     step = int(re.match(r"step (\d+): ", message)[1])
     kept = load_checkpoint(last)
     assert kept["step"] == step - 1 and f"(step {step - 1}) is kept" in message
