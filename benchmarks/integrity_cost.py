@@ -26,7 +26,7 @@ from dho_pipeline.samples import parse_sample
 from dho_pipeline.shards import Manifest, Shard, iter_shard, write_shards
 from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource
 from dho_pipeline.splits import split_source
-from dho_pipeline.store import CHECKED, TeacherStore
+from dho_pipeline.store.zarr_store import CHECKED, TeacherStore
 
 ROWS, VIEWS, CLASSES = 1000, 11, 1000
 

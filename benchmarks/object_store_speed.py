@@ -42,7 +42,7 @@ from dho_pipeline.locations import UrlPath  # noqa: E402
 from dho_pipeline.shards import upload_shards, write_shards  # noqa: E402
 from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource  # noqa: E402
 from dho_pipeline.splits import split_source  # noqa: E402
-from dho_pipeline.store_copy import copy_store  # noqa: E402
+from dho_pipeline.store.copy import copy_store  # noqa: E402
 from stages import cache_teacher, train_student  # noqa: E402
 
 SETTINGS = {"teacher": "dho-tiny-clip", "student": "resnet10t", "image_size": 32, "views": 4, "batch": 32,

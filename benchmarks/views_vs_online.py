@@ -77,9 +77,9 @@ from dho_pipeline.errors import human_bytes
 from dho_pipeline.shards import MANIFEST, load_manifest, write_shards
 from dho_pipeline.sources import Item
 from dho_pipeline.splits import assign_splits
-from dho_pipeline.store import TeacherStore
-from dho_pipeline.store_lookup import find_store
-from dho_pipeline.store_report import summarize
+from dho_pipeline.store.lookup import find_store
+from dho_pipeline.store.report import summarize
+from dho_pipeline.store.zarr_store import TeacherStore
 from stages import cache_teacher, evaluate, train_student
 from stages.demo import FULL, load_fashion_mnist, teacher_checkpoint, teacher_file
 

@@ -267,7 +267,7 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cache_inspect(store: Location, as_json: bool) -> None:
     """Size, progress, fingerprint and teacher accuracy of STORE (a folder or a URL such as s3://bucket/x.zarr)."""
-    from dho_pipeline.store_report import summarize
+    from dho_pipeline.store.report import summarize
 
     s = summarize(store, progress=not as_json)
     if as_json:
@@ -308,8 +308,8 @@ def cache_verify(store: Location, repair: bool, config: Path | None, overrides: 
     teacher on the damaged and unfinished shards (as `dho cache-teacher` with that config would), then
     checks again. The config must describe the store (same teacher, views and shards).
     """
-    from dho_pipeline.store import TeacherStore
-    from dho_pipeline.store_report import verify
+    from dho_pipeline.store.report import verify
+    from dho_pipeline.store.zarr_store import TeacherStore
 
     if repair:
         if config is None:
@@ -347,7 +347,7 @@ def cache_copy(source: Location, destination: Location) -> None:
     the source's fingerprint and done mask, and every shard must verify. Credentials come from the
     environment (AWS_* variables, ~/.aws, gcloud), as fsspec reads them.
     """
-    from dho_pipeline.store_copy import copy_store
+    from dho_pipeline.store.copy import copy_store
 
     click.echo(copy_store(source, destination).summary())
 
@@ -359,7 +359,7 @@ def cache_copy(source: Location, destination: Location) -> None:
 def cache_list(config: Path | None, root: Location | None) -> None:
     """The stores under cache.root (or --root, e.g. s3://bucket/cache) with teacher, classes, views, rows,
     done fraction and size."""
-    from dho_pipeline.store_report import list_stores
+    from dho_pipeline.store.report import list_stores
 
     if root is None:
         cfg = _config(config, ())

@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from dho_pipeline.samples import parse_sample
 from dho_pipeline.shards import Shard, iter_shard
-from dho_pipeline.store import ShardRows, TeacherStore
+from dho_pipeline.store.zarr_store import ShardRows, TeacherStore
 from dho_pipeline.views import CLEAN_VIEW, ViewRecipe, render_view, view_params
 
 

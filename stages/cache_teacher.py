@@ -28,9 +28,9 @@ from dho_pipeline.config import PipelineConfig
 from dho_pipeline.errors import warn
 from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
 from dho_pipeline.shards import Shard, load_manifest
-from dho_pipeline.store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
-from dho_pipeline.store_lock import Lease, rank_zero_lock
-from dho_pipeline.store_lookup import finished_store, stage_one_request, store_path, view_recipe
+from dho_pipeline.store.lock import Lease, rank_zero_lock
+from dho_pipeline.store.lookup import finished_store, stage_one_request, store_path, view_recipe
+from dho_pipeline.store.zarr_store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
 from dho_pipeline.teacher import Teacher, load_teacher
 from dho_pipeline.teacher_views import TeacherViewBatches, views_for_split
 from dho_pipeline.tip_adapter import attach_adapter

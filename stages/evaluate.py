@@ -14,7 +14,7 @@ from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs
 from dho_pipeline.locations import UrlPath, location
 from dho_pipeline.runtime import pick_device
 from dho_pipeline.shards import MANIFEST, Shard, ShardDataError, load_manifest
-from dho_pipeline.store import TeacherStore
+from dho_pipeline.store.zarr_store import TeacherStore
 from dho_pipeline.student_checkpoint import load_student
 from dho_pipeline.student_stream import clean_batches
 from dho_pipeline.views import CLEAN_VIEW

@@ -33,7 +33,7 @@ from dho_pipeline.losses import TopKLogits, training_loss
 from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
 from dho_pipeline.schedule import make_scheduler
 from dho_pipeline.shards import Manifest, load_manifest
-from dho_pipeline.store_lookup import find_store, view_recipe
+from dho_pipeline.store.lookup import find_store, view_recipe
 from dho_pipeline.student import DualHeadStudent, StudentData, build_student
 from dho_pipeline.student_stream import StreamSpec, StudentStream, clean_batches
 from dho_pipeline.teacher import Teacher, load_teacher

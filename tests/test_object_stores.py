@@ -16,13 +16,13 @@ import torch
 from click.testing import CliRunner
 from moto import server as moto_server
 
-from dho_pipeline import store_lock
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.locations import UrlPath, location
 from dho_pipeline.shards import iter_shard, load_manifest, write_shards
-from dho_pipeline.store import TeacherStore
-from dho_pipeline.store_copy import copy_store
+from dho_pipeline.store import lock as store_lock
+from dho_pipeline.store.copy import copy_store
+from dho_pipeline.store.zarr_store import TeacherStore
 from stages import cache_teacher, train_student
 from stages import evaluate as evaluate_stage
 from tests.conftest import one_line_error, write_config
@@ -164,12 +164,12 @@ def test_cache_copy_resumes_and_checks_the_copy(bucket, cached_store, tmp_path, 
         written.append(shard.name)
         real_write(store, shard, **arrays)
 
-    monkeypatch.setattr("dho_pipeline.store_copy.COPY_THREADS", 1)  # in order, so the first four are known
+    monkeypatch.setattr("dho_pipeline.store.copy.COPY_THREADS", 1)  # in order, so the first four are known
     monkeypatch.setattr(TeacherStore, "write_shard", killed_after_four)
     with pytest.raises(KeyboardInterrupt):
         copy_store(cached_store, f"{bucket}/copy.zarr", progress=False)
     monkeypatch.setattr(TeacherStore, "write_shard", real_write)
-    monkeypatch.setattr("dho_pipeline.store_copy.COPY_THREADS", 8)
+    monkeypatch.setattr("dho_pipeline.store.copy.COPY_THREADS", 8)
     partial = TeacherStore.open(f"{bucket}/copy.zarr")
     assert [s.name for s in shards if partial.shard_done(s)] == written
 

@@ -17,8 +17,8 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.shards import load_manifest, write_shards
 from dho_pipeline.splits import split_source
-from dho_pipeline.store import TeacherStore
-from dho_pipeline.store_lock import lock_path
+from dho_pipeline.store.lock import lock_path
+from dho_pipeline.store.zarr_store import TeacherStore
 from stages import cache_teacher
 from tests.conftest import SHARD_SIZE, one_line_error, resize_tmpfs, tmpfs, write_config
 
@@ -226,7 +226,7 @@ def test_a_shard_damaged_during_training_is_named_from_a_loader_worker(own_shard
 
 def hold_lock(store):
     """A real second process that holds the store's write lock until killed."""
-    code = ("import sys, time; from dho_pipeline.store_lock import store_write_lock\n"
+    code = ("import sys, time; from dho_pipeline.store.lock import store_write_lock\n"
             f"with store_write_lock({str(store)!r}):\n    print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

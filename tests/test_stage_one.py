@@ -15,8 +15,8 @@ from dho_pipeline.config import load_config
 from dho_pipeline.samples import ShardDataError, parse_sample
 from dho_pipeline.shards import iter_shard, load_manifest, sha256_file, write_shards
 from dho_pipeline.splits import split_source
-from dho_pipeline.store import StoreMismatch, TeacherStore
-from dho_pipeline.store_lookup import view_recipe
+from dho_pipeline.store.lookup import view_recipe
+from dho_pipeline.store.zarr_store import StoreMismatch, TeacherStore
 from dho_pipeline.teacher import load_teacher
 from dho_pipeline.views import normalize, render_view, view_params
 from stages import cache_teacher

@@ -16,7 +16,7 @@ from dho_pipeline.config import load_config
 from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, search_alpha_beta
 from dho_pipeline.losses import kd_loss, training_loss
 from dho_pipeline.shards import iter_shard, load_manifest
-from dho_pipeline.store_lookup import find_store, view_recipe
+from dho_pipeline.store.lookup import find_store, view_recipe
 from dho_pipeline.student_stream import StreamSpec, StudentStream, cached_view
 from dho_pipeline.teacher import load_teacher
 from dho_pipeline.views import decode_image, normalize, render_view, view_params

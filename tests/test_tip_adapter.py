@@ -14,8 +14,8 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import AdapterConfig, load_config
 from dho_pipeline.shards import load_manifest, write_shards
 from dho_pipeline.splits import split_source
-from dho_pipeline.store import StoreMismatch
-from dho_pipeline.store_lookup import view_recipe
+from dho_pipeline.store.lookup import view_recipe
+from dho_pipeline.store.zarr_store import StoreMismatch
 from dho_pipeline.teacher import load_teacher
 from dho_pipeline.tip_adapter import TipAdapter, fit_adapter, search_ab, tip_logits, train_keys
 from stages import cache_teacher

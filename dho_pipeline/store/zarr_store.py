@@ -192,9 +192,9 @@ class TeacherStore:
                with_zero_shot: bool = False, request: str | None = None, top_k: int | None = None) -> TeacherStore:
         """Build the store beside `path` and rename it into place: a kill leaves nothing or a whole store.
 
-        `request` is the hash of the config that asked for it (store_lookup.stage_one_request), so a rerun
+        `request` is the hash of the config that asked for it (lookup.stage_one_request), so a rerun
         of that config can find the finished store without building the teacher. `top_k` keeps each view's k
-        largest logits (see the module docstring). Call with the store's write lock held (store_lock.py);
+        largest logits (see the module docstring). Call with the store's write lock held (lock.py);
         `path` must not exist.
         """
         rows, chunk, classes = manifest.num_rows, manifest.shard_size, len(manifest.class_names)

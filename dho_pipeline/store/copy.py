@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dho_pipeline.locations import Location, location
-from dho_pipeline.store import NOT_DONE, StoreError, StoreShard, TeacherStore, interrupted_creation
-from dho_pipeline.store_lock import store_write_lock
+from dho_pipeline.store.lock import store_write_lock
+from dho_pipeline.store.zarr_store import NOT_DONE, StoreError, StoreShard, TeacherStore, interrupted_creation
 
 COPY_THREADS = 8  # shards in flight: object stores reward concurrency, and shards write disjoint chunks
 

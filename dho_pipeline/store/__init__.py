@@ -1,0 +1,1 @@
+"""The teacher-logit store: the Zarr store itself, its write lock, lookup by fingerprint, copies and reports."""
