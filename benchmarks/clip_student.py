@@ -96,9 +96,9 @@ from benchmarks.views_vs_online import (
     write_json,
     write_pipeline_yaml,
 )
-from dho_pipeline.shards import MANIFEST, load_manifest, write_shards
-from dho_pipeline.sources import Item
-from dho_pipeline.splits import assign_splits
+from dho_pipeline.data.shards import MANIFEST, load_manifest, write_shards
+from dho_pipeline.data.sources import Item
+from dho_pipeline.data.splits import assign_splits
 from dho_pipeline.teacher import register_model_configs
 from dho_pipeline.templates import TEMPLATES
 from dho_pipeline.tiny_clip import MODEL_NAME, zero_shot_accuracy

@@ -22,10 +22,10 @@ import click
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from dho_pipeline.samples import parse_sample
-from dho_pipeline.shards import Manifest, Shard, iter_shard, write_shards
-from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource
-from dho_pipeline.splits import split_source
+from dho_pipeline.data.samples import parse_sample
+from dho_pipeline.data.shards import Manifest, Shard, iter_shard, write_shards
+from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource
+from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.zarr_store import CHECKED, TeacherStore
 
 ROWS, VIEWS, CLASSES = 1000, 11, 1000

@@ -43,9 +43,9 @@ import torch
 import yaml
 
 from dho_pipeline.checkpoint import load_checkpoint
-from dho_pipeline.shards import write_shards
-from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource
-from dho_pipeline.splits import split_source
+from dho_pipeline.data.shards import write_shards
+from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource
+from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.zarr_store import TeacherStore
 from dho_pipeline.teacher import register_model_configs
 

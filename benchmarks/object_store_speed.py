@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speed import save_random_teacher, throughput, write_config  # noqa: E402
 
 from dho_pipeline.config import load_config  # noqa: E402
+from dho_pipeline.data.shards import upload_shards, write_shards  # noqa: E402
+from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource  # noqa: E402
+from dho_pipeline.data.splits import split_source  # noqa: E402
 from dho_pipeline.locations import UrlPath  # noqa: E402
-from dho_pipeline.shards import upload_shards, write_shards  # noqa: E402
-from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource  # noqa: E402
-from dho_pipeline.splits import split_source  # noqa: E402
 from dho_pipeline.store.copy import copy_store  # noqa: E402
 from stages import cache_teacher, train_student  # noqa: E402
 

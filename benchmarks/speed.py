@@ -44,14 +44,14 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from dho_pipeline.config import load_config
-from dho_pipeline.samples import parse_sample
-from dho_pipeline.shards import iter_shard, load_manifest, write_shards
-from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource, ImageFolderSource
-from dho_pipeline.splits import split_source
+from dho_pipeline.data.samples import parse_sample
+from dho_pipeline.data.shards import iter_shard, load_manifest, write_shards
+from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource, ImageFolderSource
+from dho_pipeline.data.splits import split_source
+from dho_pipeline.data.teacher_views import TeacherViewBatches
+from dho_pipeline.data.views import render_view, view_params
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.teacher import TEACHER_DTYPES, load_teacher, register_model_configs
-from dho_pipeline.teacher_views import TeacherViewBatches
-from dho_pipeline.views import render_view, view_params
 from stages import cache_teacher, train_student
 
 LOG_EVERY = 5

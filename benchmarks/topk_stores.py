@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from dho_pipeline.config import load_config
-from dho_pipeline.shards import MANIFEST, load_manifest, write_shards
-from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource, Item
-from dho_pipeline.splits import assign_splits
+from dho_pipeline.data.shards import MANIFEST, load_manifest, write_shards
+from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource, Item
+from dho_pipeline.data.splits import assign_splits
 from dho_pipeline.store.zarr_store import TeacherStore
 from stages import cache_teacher, evaluate, train_student
 from stages.demo import FULL, experiment_config

@@ -73,10 +73,10 @@ import torch
 import yaml
 
 from dho_pipeline.config import load_config
+from dho_pipeline.data.shards import MANIFEST, load_manifest, write_shards
+from dho_pipeline.data.sources import Item
+from dho_pipeline.data.splits import assign_splits
 from dho_pipeline.errors import human_bytes
-from dho_pipeline.shards import MANIFEST, load_manifest, write_shards
-from dho_pipeline.sources import Item
-from dho_pipeline.splits import assign_splits
 from dho_pipeline.store.lookup import find_store
 from dho_pipeline.store.report import summarize
 from dho_pipeline.store.zarr_store import TeacherStore

@@ -155,7 +155,7 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
     one by --class-map; the manifest records the classes the set covers, and `dho evaluate --shards
     NAME=OUT` scores it with the heads restricted to them.
     """
-    from dho_pipeline.shards import load_manifest, write_shards
+    from dho_pipeline.data.shards import load_manifest, write_shards
 
     plain = {"shots": shots, "percent": percent, "val_per_class": val_per_class, "test_per_class": test_per_class,
              "max_train_per_class": max_train_per_class}
@@ -167,8 +167,8 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         _refuse_with("without --test-only, make-shards", train_shards=train_shards, class_map=class_map)
     info: dict = {"source": str(source)}
     if split_file:
-        from dho_pipeline.sources import FileSource
-        from dho_pipeline.split_files import fewshot_splits, read_split_file
+        from dho_pipeline.data.sources import FileSource
+        from dho_pipeline.data.split_files import fewshot_splits, read_split_file
 
         _refuse_with("--split-file", **{**plain, "shots": None})
         if shots is None:
@@ -178,8 +178,8 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         splits = fewshot_splits(parts, class_names, shots, seed, split_rule)
         info.update(split_file=str(split_file), split_rule=split_rule, shots=shots)
     elif labelled_list:
-        from dho_pipeline.sources import ImageFolderSource
-        from dho_pipeline.split_files import labelled_list_splits
+        from dho_pipeline.data.sources import ImageFolderSource
+        from dho_pipeline.data.split_files import labelled_list_splits
 
         _refuse_with("--labelled-list", shots=shots, percent=percent, max_train_per_class=max_train_per_class)
         src = ImageFolderSource(source)
@@ -187,7 +187,7 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
                                       test_per_class=test_per_class, seed=seed)
         info.update(labelled_list=str(labelled_list), val_per_class=val_per_class)
     elif test_only:
-        from dho_pipeline.ood_sets import ood_splits
+        from dho_pipeline.data.ood_sets import ood_splits
 
         _refuse_with("--test-only", **plain)
         if train_shards is None:
@@ -196,8 +196,8 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         info.update(test_only=True, train_shards=str(train_shards), class_map=class_map and str(class_map),
                     covers=covers)
     else:
-        from dho_pipeline.sources import open_source
-        from dho_pipeline.splits import split_source
+        from dho_pipeline.data.sources import open_source
+        from dho_pipeline.data.splits import split_source
 
         if (shots is None) == (percent is None):
             raise click.UsageError("give exactly one of --shots or --percent")
@@ -241,8 +241,8 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
     views; values: their one-hot labels; a and b searched on val. Tip-Adapter-F also trains the keys.
     `dho cache-teacher` fits it by itself when needed, or takes the file via teacher.adapter.file.
     """
+    from dho_pipeline.data.shards import load_manifest
     from dho_pipeline.runtime import pick_device
-    from dho_pipeline.shards import load_manifest
     from dho_pipeline.teacher import load_teacher
     from dho_pipeline.tip_adapter import adapter_path, fit_and_save
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dho_pipeline.data.views import normalize
 from dho_pipeline.student import DualHeadStudent, StudentData
-from dho_pipeline.views import normalize
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import torch.utils.serialization
 
 from dho_pipeline.config import TeacherConfig
+from dho_pipeline.data.shards import sha256_file
 from dho_pipeline.errors import CheckpointError
-from dho_pipeline.shards import sha256_file
 from dho_pipeline.templates import resolve_templates
 
 if TYPE_CHECKING:

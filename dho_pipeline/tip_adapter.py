@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import AdapterConfig, PipelineConfig
+from dho_pipeline.data.shards import Manifest, Shard
+from dho_pipeline.data.teacher_views import TeacherViewBatches
+from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, normalize
 from dho_pipeline.locations import Location, UrlPath, location
 from dho_pipeline.runtime import Runtime
-from dho_pipeline.shards import Manifest, Shard
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.teacher import LOGIT_SCALE, Teacher
-from dho_pipeline.teacher_views import TeacherViewBatches
-from dho_pipeline.views import CLEAN_VIEW, ViewRecipe, normalize
 
 ADAPTER_FORMAT = "dho-tip-adapter/1"
 

@@ -25,16 +25,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import PipelineConfig
+from dho_pipeline.data.shards import Shard, load_manifest
+from dho_pipeline.data.teacher_views import TeacherViewBatches, views_for_split
+from dho_pipeline.data.views import ViewRecipe, normalize
 from dho_pipeline.errors import warn
 from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
-from dho_pipeline.shards import Shard, load_manifest
 from dho_pipeline.store.lock import Lease, rank_zero_lock
 from dho_pipeline.store.lookup import finished_store, stage_one_request, store_path, view_recipe
 from dho_pipeline.store.zarr_store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
 from dho_pipeline.teacher import Teacher, load_teacher
-from dho_pipeline.teacher_views import TeacherViewBatches, views_for_split
 from dho_pipeline.tip_adapter import attach_adapter
-from dho_pipeline.views import ViewRecipe, normalize
 
 
 @dataclass

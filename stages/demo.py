@@ -18,9 +18,9 @@ import numpy as np
 import yaml
 
 from dho_pipeline.config import load_config
-from dho_pipeline.shards import MANIFEST, write_shards
-from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource, Item
-from dho_pipeline.splits import assign_splits
+from dho_pipeline.data.shards import MANIFEST, write_shards
+from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource, Item
+from dho_pipeline.data.splits import assign_splits
 from dho_pipeline.store.report import summarize
 from dho_pipeline.templates import TEMPLATES
 from dho_pipeline.tiny_clip import pretrain_tiny_clip

@@ -9,15 +9,15 @@ import numpy as np
 import torch
 
 from dho_pipeline.config import EvalConfig
+from dho_pipeline.data.shards import MANIFEST, Shard, ShardDataError, load_manifest
+from dho_pipeline.data.student_stream import clean_batches
+from dho_pipeline.data.views import CLEAN_VIEW
 from dho_pipeline.errors import warn
 from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs, restrict, search_alpha_beta
 from dho_pipeline.locations import UrlPath, location
 from dho_pipeline.runtime import pick_device
-from dho_pipeline.shards import MANIFEST, Shard, ShardDataError, load_manifest
 from dho_pipeline.store.zarr_store import TeacherStore
 from dho_pipeline.student_checkpoint import load_student
-from dho_pipeline.student_stream import clean_batches
-from dho_pipeline.views import CLEAN_VIEW
 
 
 def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Shard], list[int] | None]:

@@ -27,20 +27,20 @@ from tqdm import tqdm
 
 from dho_pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dho_pipeline.config import PipelineConfig, TrainConfig
+from dho_pipeline.data.shards import Manifest, load_manifest
+from dho_pipeline.data.student_stream import StreamSpec, StudentStream, clean_batches
+from dho_pipeline.data.views import normalize
 from dho_pipeline.errors import CheckpointError, DhoError, disk_full, is_disk_full, warn
 from dho_pipeline.evaluation import accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.losses import TopKLogits, training_loss
 from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
 from dho_pipeline.schedule import make_scheduler
-from dho_pipeline.shards import Manifest, load_manifest
 from dho_pipeline.store.lookup import find_store, view_recipe
 from dho_pipeline.student import DualHeadStudent, StudentData, build_student
-from dho_pipeline.student_stream import StreamSpec, StudentStream, clean_batches
 from dho_pipeline.teacher import Teacher, load_teacher
 from dho_pipeline.templates import resolve_templates
 from dho_pipeline.tensorboard_log import TensorBoardLog
 from dho_pipeline.tip_adapter import attach_adapter
-from dho_pipeline.views import normalize
 
 
 class TrainingDiverged(DhoError):

@@ -15,9 +15,9 @@ import yaml
 from click.testing import Result
 
 from dho_pipeline.config import load_config
-from dho_pipeline.shards import write_shards
-from dho_pipeline.sources import FASHION_MNIST_DIR, IdxSource
-from dho_pipeline.splits import split_source
+from dho_pipeline.data.shards import write_shards
+from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource
+from dho_pipeline.data.splits import split_source
 from dho_pipeline.teacher import register_model_configs
 
 SHARD_SIZE = 32

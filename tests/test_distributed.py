@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from dho_pipeline.config import load_config
-from dho_pipeline.shards import write_shards
-from dho_pipeline.splits import split_source
+from dho_pipeline.data.shards import write_shards
+from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.zarr_store import TeacherStore
 from stages import cache_teacher
 from tests.conftest import write_config

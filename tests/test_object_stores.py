@@ -18,8 +18,8 @@ from moto import server as moto_server
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
+from dho_pipeline.data.shards import iter_shard, load_manifest, write_shards
 from dho_pipeline.locations import UrlPath, location
-from dho_pipeline.shards import iter_shard, load_manifest, write_shards
 from dho_pipeline.store import lock as store_lock
 from dho_pipeline.store.copy import copy_store
 from dho_pipeline.store.zarr_store import TeacherStore

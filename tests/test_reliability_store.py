@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
-from dho_pipeline.shards import load_manifest, write_shards
-from dho_pipeline.splits import split_source
+from dho_pipeline.data.shards import load_manifest, write_shards
+from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.lock import lock_path
 from dho_pipeline.store.zarr_store import TeacherStore
 from stages import cache_teacher

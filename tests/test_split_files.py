@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dho_pipeline.cli import main
-from dho_pipeline.shards import iter_shard, load_manifest
-from dho_pipeline.split_files import fewshot_splits, read_split_file
+from dho_pipeline.data.shards import iter_shard, load_manifest
+from dho_pipeline.data.split_files import fewshot_splits, read_split_file
 from tests.conftest import one_line_error
 
 CLASSES = {"trouser": 1, "bag": 8, "sneaker": 7}  # the split file's classes, label = position, and their fmnist index

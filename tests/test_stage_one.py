@@ -12,13 +12,13 @@ from click.testing import CliRunner
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
-from dho_pipeline.samples import ShardDataError, parse_sample
-from dho_pipeline.shards import iter_shard, load_manifest, sha256_file, write_shards
-from dho_pipeline.splits import split_source
+from dho_pipeline.data.samples import ShardDataError, parse_sample
+from dho_pipeline.data.shards import iter_shard, load_manifest, sha256_file, write_shards
+from dho_pipeline.data.splits import split_source
+from dho_pipeline.data.views import normalize, render_view, view_params
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch, TeacherStore
 from dho_pipeline.teacher import load_teacher
-from dho_pipeline.views import normalize, render_view, view_params
 from stages import cache_teacher
 from tests.conftest import SHARD_SIZE, write_config
 

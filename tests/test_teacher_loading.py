@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from dho_pipeline.config import load_config
-from dho_pipeline.shards import load_manifest
+from dho_pipeline.data.shards import load_manifest
+from dho_pipeline.data.teacher_views import TeacherViewBatches
+from dho_pipeline.data.views import normalize
 from dho_pipeline.store.lookup import find_store, view_recipe
 from dho_pipeline.store.zarr_store import StoreError
 from dho_pipeline.teacher import _create_model, checkpoint_sha256, load_teacher
-from dho_pipeline.teacher_views import TeacherViewBatches
-from dho_pipeline.views import normalize
 from stages import cache_teacher
 from tests.conftest import write_config
 

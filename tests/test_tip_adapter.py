@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import AdapterConfig, load_config
-from dho_pipeline.shards import load_manifest, write_shards
-from dho_pipeline.splits import split_source
+from dho_pipeline.data.shards import load_manifest, write_shards
+from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch
 from dho_pipeline.teacher import load_teacher

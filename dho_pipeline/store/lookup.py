@@ -11,9 +11,10 @@ import open_clip
 import torch
 
 from dho_pipeline.config import PipelineConfig
+from dho_pipeline.data.shards import Manifest, sha256_file
+from dho_pipeline.data.views import ViewRecipe
 from dho_pipeline.errors import one_line, warn
 from dho_pipeline.locations import Location, UrlPath
-from dho_pipeline.shards import Manifest, sha256_file
 from dho_pipeline.store.lock import store_write_lock
 from dho_pipeline.store.zarr_store import (
     StoreError,
@@ -26,7 +27,6 @@ from dho_pipeline.store.zarr_store import (
 )
 from dho_pipeline.teacher import register_model_configs, resolve_pretrained, teacher_dtype
 from dho_pipeline.templates import resolve_templates
-from dho_pipeline.views import ViewRecipe
 
 
 def view_recipe(cfg: PipelineConfig) -> ViewRecipe:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from dho_pipeline.data.views import CLEAN_VIEW
 from dho_pipeline.errors import one_line
 from dho_pipeline.locations import Location, location
 from dho_pipeline.store.zarr_store import NOT_DONE, StoreError, StoreShard, TeacherStore, stores_under
-from dho_pipeline.views import CLEAN_VIEW
 
 UNLABELLED_SAMPLE = 10_000  # unlabelled rows the teacher's accuracy is reported on (the split can be huge)
 

@@ -36,9 +36,9 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from dho_pipeline.data.shards import Manifest, Shard
 from dho_pipeline.errors import DhoError, disk_full, is_disk_full, one_line
 from dho_pipeline.locations import STORAGE_OPTIONS, Location, LocationError, UrlPath, location
-from dho_pipeline.shards import Manifest, Shard
 
 STORE_FORMAT = "dho-teacher-store/2"  # dense logits
 TOPK_STORE_FORMAT = "dho-teacher-store/3"  # top-k logits (cache.top_k)

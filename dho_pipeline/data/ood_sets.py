@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dho_pipeline.shards import MANIFEST, Manifest
-from dho_pipeline.sources import FileSource, ImageFolderSource, Item, SourceError
-from dho_pipeline.split_files import refuse
+from dho_pipeline.data.shards import MANIFEST, Manifest
+from dho_pipeline.data.sources import FileSource, ImageFolderSource, Item, SourceError
+from dho_pipeline.data.split_files import refuse
 
 
 def read_class_map(path: Path) -> dict[str, tuple[str, str]]:

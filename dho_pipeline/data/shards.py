@@ -18,9 +18,9 @@ import webdataset as wds
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from dho_pipeline.data.sources import FileSource, IdxSource, Item
 from dho_pipeline.errors import DhoError
 from dho_pipeline.locations import Location, LocationError, UrlPath, location
-from dho_pipeline.sources import FileSource, IdxSource, Item
 
 SPLITS = ("labelled", "unlabelled", "val", "test")
 # A fixed member mtime makes shards byte-reproducible (same splits, same sha256) and keeps tar's PAX headers

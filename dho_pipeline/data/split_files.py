@@ -20,8 +20,8 @@ import json
 import random
 from pathlib import Path, PurePosixPath
 
-from dho_pipeline.sources import ImageFolderSource, Item, SourceError
-from dho_pipeline.splits import assign_splits
+from dho_pipeline.data.sources import ImageFolderSource, Item, SourceError
+from dho_pipeline.data.splits import assign_splits
 
 SPLIT_PARTS = ("train", "val", "test")
 SPLIT_RULES = ("coop", "tip-adapter")

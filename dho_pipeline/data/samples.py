@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dho_pipeline.shards import Shard, ShardDataError
-from dho_pipeline.views import decode_image
+from dho_pipeline.data.shards import Shard, ShardDataError
+from dho_pipeline.data.views import decode_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dho_pipeline.samples import parse_sample
-from dho_pipeline.shards import Shard, iter_shard
+from dho_pipeline.data.samples import parse_sample
+from dho_pipeline.data.shards import Shard, iter_shard
+from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, render_view, view_params
 from dho_pipeline.store.zarr_store import ShardRows, TeacherStore
-from dho_pipeline.views import CLEAN_VIEW, ViewRecipe, render_view, view_params
 
 
 def cached_view(row: int, epoch: int, num_random_views: int, seed: int) -> int:

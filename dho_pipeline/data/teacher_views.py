@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dho_pipeline.samples import parse_sample
-from dho_pipeline.shards import Shard, iter_shard
-from dho_pipeline.views import ViewRecipe, render_view, view_params
+from dho_pipeline.data.samples import parse_sample
+from dho_pipeline.data.shards import Shard, iter_shard
+from dho_pipeline.data.views import ViewRecipe, render_view, view_params
 
 EVAL_SPLITS = ("val", "test")
 

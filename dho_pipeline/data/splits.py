@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dho_pipeline.shards import SPLITS
-from dho_pipeline.sources import IdxSource, ImageFolderSource, Item, SourceError
+from dho_pipeline.data.shards import SPLITS
+from dho_pipeline.data.sources import IdxSource, ImageFolderSource, Item, SourceError
 
 
 def _cap_per_class(items: list[Item], num_classes: int, cap: int | None, rng: np.random.Generator) -> list[Item]:

@@ -1,0 +1,1 @@
+"""The data: image sources, splits and split files, shards, augmented views and the streams the two stages read."""
