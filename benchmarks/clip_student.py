@@ -99,9 +99,9 @@ from benchmarks.views_vs_online import (
 from dho_pipeline.data.shards import MANIFEST, load_manifest, write_shards
 from dho_pipeline.data.sources import Item
 from dho_pipeline.data.splits import assign_splits
-from dho_pipeline.teacher import register_model_configs
-from dho_pipeline.templates import TEMPLATES
-from dho_pipeline.tiny_clip import MODEL_NAME, zero_shot_accuracy
+from dho_pipeline.teacher.open_clip_teacher import register_model_configs
+from dho_pipeline.teacher.templates import TEMPLATES
+from dho_pipeline.teacher.tiny_clip import MODEL_NAME, zero_shot_accuracy
 from stages.demo import FULL, load_fashion_mnist, teacher_checkpoint, teacher_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ from dho_pipeline.data.shards import write_shards
 from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource
 from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.zarr_store import TeacherStore
-from dho_pipeline.teacher import register_model_configs
+from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 
 STAGES = ("cache-teacher", "train-student")
 EARLY_S = 0.1  # the window after the first write in which the store is created

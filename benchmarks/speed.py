@@ -51,7 +51,7 @@ from dho_pipeline.data.splits import split_source
 from dho_pipeline.data.teacher_views import TeacherViewBatches
 from dho_pipeline.data.views import render_view, view_params
 from dho_pipeline.store.lookup import view_recipe
-from dho_pipeline.teacher import TEACHER_DTYPES, load_teacher, register_model_configs
+from dho_pipeline.teacher.open_clip_teacher import TEACHER_DTYPES, load_teacher, register_model_configs
 from stages import cache_teacher, train_student
 
 LOG_EVERY = 5

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import PEAK_BF16_TFLOPS, flops_per_view, views_per_s  # noqa: E402
 
-from dho_pipeline.teacher import Teacher  # noqa: E402
+from dho_pipeline.teacher.open_clip_teacher import Teacher  # noqa: E402
 
 PATHS = {
     "mha_fast_path": (True, None),

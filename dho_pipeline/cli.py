@@ -243,8 +243,8 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
     """
     from dho_pipeline.data.shards import load_manifest
     from dho_pipeline.runtime import pick_device
-    from dho_pipeline.teacher import load_teacher
-    from dho_pipeline.tip_adapter import adapter_path, fit_and_save
+    from dho_pipeline.teacher.open_clip_teacher import load_teacher
+    from dho_pipeline.teacher.tip_adapter import adapter_path, fit_and_save
 
     cfg = _config(config, overrides)
     if cfg.teacher.kind == "zero-shot":

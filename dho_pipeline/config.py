@@ -51,7 +51,7 @@ class TeacherConfig:
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
     quick_gelu: bool = False
-    templates: str | None = "generic"  # a registry entry in dho_pipeline/templates.py
+    templates: str | None = "generic"  # a registry entry in dho_pipeline/teacher/templates.py
     extra_templates: list[str] = field(default_factory=list)
     kind: Literal["zero-shot", "tip-adapter", "tip-adapter-f"] = "zero-shot"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dho_pipeline.config import StudentConfig
-from dho_pipeline.teacher import LOGIT_SCALE, register_model_configs
-from dho_pipeline.templates import resolve_templates
+from dho_pipeline.teacher.open_clip_teacher import LOGIT_SCALE, register_model_configs
+from dho_pipeline.teacher.templates import resolve_templates
 
 
 @dataclass(frozen=True)

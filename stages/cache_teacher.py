@@ -33,8 +33,8 @@ from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
 from dho_pipeline.store.lock import Lease, rank_zero_lock
 from dho_pipeline.store.lookup import finished_store, stage_one_request, store_path, view_recipe
 from dho_pipeline.store.zarr_store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
-from dho_pipeline.teacher import Teacher, load_teacher
-from dho_pipeline.tip_adapter import attach_adapter
+from dho_pipeline.teacher.open_clip_teacher import Teacher, load_teacher
+from dho_pipeline.teacher.tip_adapter import attach_adapter
 
 
 @dataclass

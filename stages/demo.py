@@ -22,8 +22,8 @@ from dho_pipeline.data.shards import MANIFEST, write_shards
 from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource, Item
 from dho_pipeline.data.splits import assign_splits
 from dho_pipeline.store.report import summarize
-from dho_pipeline.templates import TEMPLATES
-from dho_pipeline.tiny_clip import pretrain_tiny_clip
+from dho_pipeline.teacher.templates import TEMPLATES
+from dho_pipeline.teacher.tiny_clip import pretrain_tiny_clip
 from stages import cache_teacher, evaluate, train_student
 
 METHODS = ("ce_only", "single_head_kd", "dho", "dho_online")

@@ -37,10 +37,10 @@ from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
 from dho_pipeline.schedule import make_scheduler
 from dho_pipeline.store.lookup import find_store, view_recipe
 from dho_pipeline.student import DualHeadStudent, StudentData, build_student
-from dho_pipeline.teacher import Teacher, load_teacher
-from dho_pipeline.templates import resolve_templates
+from dho_pipeline.teacher.open_clip_teacher import Teacher, load_teacher
+from dho_pipeline.teacher.templates import resolve_templates
+from dho_pipeline.teacher.tip_adapter import attach_adapter
 from dho_pipeline.tensorboard_log import TensorBoardLog
-from dho_pipeline.tip_adapter import attach_adapter
 
 
 class TrainingDiverged(DhoError):

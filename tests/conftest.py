@@ -18,7 +18,7 @@ from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import write_shards
 from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource
 from dho_pipeline.data.splits import split_source
-from dho_pipeline.teacher import register_model_configs
+from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 
 SHARD_SIZE = 32
 
@@ -69,8 +69,8 @@ def write_config(path: Path, shards: Path, teacher_file: Path, **sections: dict)
 @pytest.fixture(scope="session")
 def trained_teacher_file(fmnist: IdxSource, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's tiny CLIP, pretrained for 5 epochs on 2,000 training images: far better than chance, not perfect."""
-    from dho_pipeline.templates import TEMPLATES
-    from dho_pipeline.tiny_clip import pretrain_tiny_clip
+    from dho_pipeline.teacher.templates import TEMPLATES
+    from dho_pipeline.teacher.tiny_clip import pretrain_tiny_clip
 
     images, labels = fmnist.images["train"][-2000:], fmnist.labels["train"][-2000:]
     path = tmp_path_factory.mktemp("trained-teacher") / "tiny-clip-trained.pt"

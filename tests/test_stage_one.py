@@ -18,7 +18,7 @@ from dho_pipeline.data.splits import split_source
 from dho_pipeline.data.views import normalize, render_view, view_params
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch, TeacherStore
-from dho_pipeline.teacher import load_teacher
+from dho_pipeline.teacher.open_clip_teacher import load_teacher
 from stages import cache_teacher
 from tests.conftest import SHARD_SIZE, write_config
 

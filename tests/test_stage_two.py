@@ -19,7 +19,7 @@ from dho_pipeline.data.views import decode_image, normalize, render_view, view_p
 from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, search_alpha_beta
 from dho_pipeline.losses import kd_loss, training_loss
 from dho_pipeline.store.lookup import find_store, view_recipe
-from dho_pipeline.teacher import load_teacher
+from dho_pipeline.teacher.open_clip_teacher import load_teacher
 from stages import evaluate as evaluate_stage
 from stages import train_student
 from tests.conftest import write_config

@@ -15,7 +15,7 @@ from dho_pipeline.data.teacher_views import TeacherViewBatches
 from dho_pipeline.data.views import normalize
 from dho_pipeline.store.lookup import find_store, view_recipe
 from dho_pipeline.store.zarr_store import StoreError
-from dho_pipeline.teacher import _create_model, checkpoint_sha256, load_teacher
+from dho_pipeline.teacher.open_clip_teacher import _create_model, checkpoint_sha256, load_teacher
 from stages import cache_teacher
 from tests.conftest import write_config
 
@@ -75,7 +75,7 @@ def test_checkpoint_hash_is_remembered_until_the_file_changes(tmp_path, monkeypa
     def must_not_hash(path):
         raise AssertionError("hashed again")
 
-    monkeypatch.setattr("dho_pipeline.teacher.sha256_file", must_not_hash)
+    monkeypatch.setattr("dho_pipeline.teacher.open_clip_teacher.sha256_file", must_not_hash)
     assert checkpoint_sha256(checkpoint) == first
     monkeypatch.undo()
     checkpoint.write_bytes(b"other weights")  # same size, another mtime

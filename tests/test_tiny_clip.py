@@ -6,9 +6,9 @@ import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from dho_pipeline.teacher import register_model_configs
-from dho_pipeline.templates import TEMPLATES
-from dho_pipeline.tiny_clip import (
+from dho_pipeline.teacher.open_clip_teacher import register_model_configs
+from dho_pipeline.teacher.templates import TEMPLATES
+from dho_pipeline.teacher.tiny_clip import (
     MODEL_NAME,
     zero_shot_accuracy,
 )

@@ -16,8 +16,8 @@ from dho_pipeline.data.shards import load_manifest, write_shards
 from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch
-from dho_pipeline.teacher import load_teacher
-from dho_pipeline.tip_adapter import TipAdapter, fit_adapter, search_ab, tip_logits, train_keys
+from dho_pipeline.teacher.open_clip_teacher import load_teacher
+from dho_pipeline.teacher.tip_adapter import TipAdapter, fit_adapter, search_ab, tip_logits, train_keys
 from stages import cache_teacher
 from tests.conftest import SHARD_SIZE, write_config
 

@@ -25,8 +25,8 @@ from dho_pipeline.store.zarr_store import (
     fingerprint_diff,
     stores_under,
 )
-from dho_pipeline.teacher import register_model_configs, resolve_pretrained, teacher_dtype
-from dho_pipeline.templates import resolve_templates
+from dho_pipeline.teacher.open_clip_teacher import register_model_configs, resolve_pretrained, teacher_dtype
+from dho_pipeline.teacher.templates import resolve_templates
 
 
 def view_recipe(cfg: PipelineConfig) -> ViewRecipe:

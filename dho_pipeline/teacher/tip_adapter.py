@@ -26,7 +26,7 @@ from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, normalize
 from dho_pipeline.locations import Location, UrlPath, location
 from dho_pipeline.runtime import Runtime
 from dho_pipeline.store.lookup import view_recipe
-from dho_pipeline.teacher import LOGIT_SCALE, Teacher
+from dho_pipeline.teacher.open_clip_teacher import LOGIT_SCALE, Teacher
 
 ADAPTER_FORMAT = "dho-tip-adapter/1"
 

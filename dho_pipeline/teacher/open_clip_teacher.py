@@ -21,12 +21,12 @@ import torch.utils.serialization
 from dho_pipeline.config import TeacherConfig
 from dho_pipeline.data.shards import sha256_file
 from dho_pipeline.errors import CheckpointError
-from dho_pipeline.templates import resolve_templates
+from dho_pipeline.teacher.templates import resolve_templates
 
 if TYPE_CHECKING:
-    from dho_pipeline.tip_adapter import TipAdapter
+    from dho_pipeline.teacher.tip_adapter import TipAdapter
 
-BUILTIN_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+BUILTIN_MODEL_CONFIGS = Path(__file__).parents[1] / "model_configs"  # dho_pipeline/model_configs (package data)
 LOGIT_SCALE = 100.0
 
 

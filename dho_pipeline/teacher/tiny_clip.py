@@ -18,7 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
 from dho_pipeline.schedule import make_scheduler
-from dho_pipeline.teacher import register_model_configs
+from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 
 MODEL_NAME = "dho-tiny-clip"
 RATIO = (3 / 4, 4 / 3)
