@@ -42,11 +42,11 @@ import open_clip
 import torch
 import yaml
 
-from dho_pipeline.checkpoint import load_checkpoint
 from dho_pipeline.data.shards import write_shards
 from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource
 from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.zarr_store import TeacherStore
+from dho_pipeline.student.checkpoint import load_checkpoint
 from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 
 STAGES = ("cache-teacher", "train-student")

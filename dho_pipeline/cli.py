@@ -448,7 +448,7 @@ def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: boo
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: image -> [[class, prob], ...].")
 def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str, as_json: bool) -> None:
     """Classify IMAGES with a trained student (both heads combined with its stored alpha/beta)."""
-    from dho_pipeline.predict import predict_files
+    from dho_pipeline.student.predict import predict_files
 
     result = predict_files(checkpoint, list(images), top_k, device)
     if as_json:
@@ -484,7 +484,7 @@ def export(checkpoint: Path, fmt: str, out: Path, head: str) -> None:
     OUT.json holds image size, mean, std (also as a timm data config), class names, method, alpha, beta
     and the model name; the file itself holds the same in its metadata.
     """
-    from dho_pipeline.export import description_path, export_student
+    from dho_pipeline.student.export import description_path, export_student
 
     described = export_student(checkpoint, fmt, out, head)
     if fmt == "safetensors":

@@ -13,8 +13,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dho_pipeline.checkpoint import load_checkpoint
 from dho_pipeline.errors import DhoError, warn
+from dho_pipeline.student.checkpoint import load_checkpoint
 
 # (title, the value of a metrics.jsonl record drawn in it, whether one-head runs are drawn in it)
 PANELS = (

@@ -13,11 +13,11 @@ from dho_pipeline.data.shards import MANIFEST, Shard, ShardDataError, load_manif
 from dho_pipeline.data.student_stream import clean_batches
 from dho_pipeline.data.views import CLEAN_VIEW
 from dho_pipeline.errors import warn
-from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, head_outputs, restrict, search_alpha_beta
 from dho_pipeline.locations import UrlPath, location
 from dho_pipeline.runtime import pick_device
 from dho_pipeline.store.zarr_store import TeacherStore
-from dho_pipeline.student_checkpoint import load_student
+from dho_pipeline.student.evaluation import HeadOutputs, accuracy, combine, head_outputs, restrict, search_alpha_beta
+from dho_pipeline.student.from_checkpoint import load_student
 
 
 def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Shard], list[int] | None]:

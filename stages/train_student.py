@@ -25,18 +25,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dho_pipeline.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dho_pipeline.config import PipelineConfig, TrainConfig
 from dho_pipeline.data.shards import Manifest, load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream, clean_batches
 from dho_pipeline.data.views import normalize
 from dho_pipeline.errors import CheckpointError, DhoError, disk_full, is_disk_full, warn
-from dho_pipeline.evaluation import accuracy, combine, head_outputs, search_alpha_beta
-from dho_pipeline.losses import TopKLogits, training_loss
 from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
-from dho_pipeline.schedule import make_scheduler
 from dho_pipeline.store.lookup import find_store, view_recipe
-from dho_pipeline.student import DualHeadStudent, StudentData, build_student
+from dho_pipeline.student.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dho_pipeline.student.evaluation import accuracy, combine, head_outputs, search_alpha_beta
+from dho_pipeline.student.losses import TopKLogits, training_loss
+from dho_pipeline.student.model import DualHeadStudent, StudentData, build_student
+from dho_pipeline.student.schedule import make_scheduler
 from dho_pipeline.teacher.open_clip_teacher import Teacher, load_teacher
 from dho_pipeline.teacher.templates import resolve_templates
 from dho_pipeline.teacher.tip_adapter import attach_adapter

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.data.views import normalize
-from dho_pipeline.predict import clean_views
-from dho_pipeline.student_checkpoint import load_student
+from dho_pipeline.student.from_checkpoint import load_student
+from dho_pipeline.student.predict import clean_views
 from stages import train_student
 from tests.conftest import one_line_error
 from tests.test_stage_two import train_config

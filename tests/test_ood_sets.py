@@ -16,8 +16,8 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import iter_shard, load_manifest
 from dho_pipeline.data.student_stream import clean_batches
-from dho_pipeline.evaluation import head_outputs
-from dho_pipeline.student_checkpoint import load_student
+from dho_pipeline.student.evaluation import head_outputs
+from dho_pipeline.student.from_checkpoint import load_student
 from stages import evaluate as evaluate_stage
 from stages import train_student
 from tests.conftest import one_line_error

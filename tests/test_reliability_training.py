@@ -13,11 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from dho_pipeline.checkpoint import load_checkpoint
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
+from dho_pipeline.student.checkpoint import load_checkpoint
 from tests.conftest import one_line_error, resize_tmpfs, tmpfs, write_config
 
 pytestmark = pytest.mark.reliability

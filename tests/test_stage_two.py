@@ -16,9 +16,9 @@ from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import iter_shard, load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream, cached_view
 from dho_pipeline.data.views import decode_image, normalize, render_view, view_params
-from dho_pipeline.evaluation import HeadOutputs, accuracy, combine, search_alpha_beta
-from dho_pipeline.losses import kd_loss, training_loss
 from dho_pipeline.store.lookup import find_store, view_recipe
+from dho_pipeline.student.evaluation import HeadOutputs, accuracy, combine, search_alpha_beta
+from dho_pipeline.student.losses import kd_loss, training_loss
 from dho_pipeline.teacher.open_clip_teacher import load_teacher
 from stages import evaluate as evaluate_stage
 from stages import train_student

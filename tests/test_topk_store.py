@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
-from dho_pipeline.losses import TopKLogits, kd_loss
 from dho_pipeline.store.zarr_store import TOPK_STORE_FORMAT, TeacherStore
+from dho_pipeline.student.losses import TopKLogits, kd_loss
 from stages import cache_teacher, train_student
 from tests.conftest import write_config
 

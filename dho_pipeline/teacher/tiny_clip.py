@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
-from dho_pipeline.schedule import make_scheduler
+from dho_pipeline.student.schedule import make_scheduler
 from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 
 MODEL_NAME = "dho-tiny-clip"

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from dho_pipeline.errors import DhoError
-from dho_pipeline.evaluation import combine
 from dho_pipeline.extras import require_extra
-from dho_pipeline.student import DualHeadStudent
-from dho_pipeline.student_checkpoint import TrainedStudent, load_student
+from dho_pipeline.student.evaluation import combine
+from dho_pipeline.student.from_checkpoint import TrainedStudent, load_student
+from dho_pipeline.student.model import DualHeadStudent
 
 HEADS = ("combined", "ce", "kd")
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"

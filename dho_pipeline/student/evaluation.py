@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from dho_pipeline.data.views import normalize
-from dho_pipeline.student import DualHeadStudent, StudentData
+from dho_pipeline.student.model import DualHeadStudent, StudentData
 
 
 @dataclass
@@ -24,7 +24,7 @@ class HeadOutputs:
 @torch.no_grad()
 def head_outputs(model: DualHeadStudent, batches: Iterable[dict], data: StudentData,
                  device: torch.device) -> HeadOutputs:
-    """Run the student over clean-view batches (see student_stream.clean_batches)."""
+    """Run the student over clean-view batches (see data.student_stream.clean_batches)."""
     was_training = model.training
     model.eval()
     ce, kd, labels, rows = [], [], [], []

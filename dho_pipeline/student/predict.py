@@ -9,9 +9,9 @@ from PIL import UnidentifiedImageError
 
 from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, decode_image, normalize, render_view, view_params
 from dho_pipeline.errors import DhoError
-from dho_pipeline.evaluation import combine
 from dho_pipeline.runtime import pick_device
-from dho_pipeline.student_checkpoint import load_student
+from dho_pipeline.student.evaluation import combine
+from dho_pipeline.student.from_checkpoint import load_student
 
 
 class NotAnImage(DhoError, ValueError):

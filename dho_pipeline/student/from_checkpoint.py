@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from dho_pipeline.checkpoint import load_checkpoint
 from dho_pipeline.config import StudentConfig
 from dho_pipeline.errors import CheckpointError
-from dho_pipeline.student import DualHeadStudent, StudentData, build_student
+from dho_pipeline.student.checkpoint import load_checkpoint
+from dho_pipeline.student.model import DualHeadStudent, StudentData, build_student
 
 
 @dataclass
