@@ -26,7 +26,7 @@ from dho_pipeline.data.samples import parse_sample
 from dho_pipeline.data.shards import Manifest, Shard, iter_shard, write_shards
 from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource
 from dho_pipeline.data.splits import split_source
-from dho_pipeline.store.zarr_store import CHECKED, TeacherStore
+from dho_pipeline.store.zarr_store import TeacherStore
 
 ROWS, VIEWS, CLASSES = 1000, 11, 1000
 
@@ -53,12 +53,12 @@ def store_costs(work: Path, shards: int) -> dict:
 
     def plain_write() -> None:
         for shard in targets:
-            for name in CHECKED:
+            for name in store.checked:
                 store.group[name][shard.first_row: shard.first_row + shard.count] = rows[name]
 
     def plain_read() -> None:
         for shard in targets:
-            for name in (*CHECKED, "done"):
+            for name in (*store.checked, "done"):
                 store.group[name][shard.first_row: shard.first_row + shard.count]
 
     write = best_of(3, lambda: [store.write_shard(s, **rows) for s in targets])
