@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,11 @@ class Setting:
     seeds: tuple[int, ...] | None = None
     steps: int | None = None
     views: int | None = None
+
+    def resolved(self, plan: DemoPlan) -> Setting:
+        """This setting with the plan's methods, seeds, steps and views wherever it leaves them None."""
+        return replace(self, methods=self.methods or plan.methods, seeds=self.seeds or plan.seeds,
+                       steps=self.steps or plan.steps, views=self.views or plan.views)
 
     @property
     def budget(self) -> str:
@@ -137,18 +142,17 @@ def teacher_checkpoint(source: IdxSource, pool: np.ndarray, name: str, recipe: T
 
 
 def experiment_config(folder: Path, shards: Path, teacher: Path, setting: Setting, plan: DemoPlan) -> Path:
-    """The pipeline.yaml of one setting (kept beside its results, so it can be rerun by hand)."""
-    steps = setting.steps or plan.steps
+    """The pipeline.yaml of one resolved setting (kept beside its results, so it can be rerun by hand)."""
     doc = {
         "data": {"shards": str(shards.resolve()), "num_workers": 1},
         "teacher": {"model": "dho-tiny-clip", "pretrained": str(teacher.resolve()), "templates": "fashion-mnist",
                     "kind": setting.teacher_kind},
-        "views": {"count": setting.views or plan.views},
+        "views": {"count": setting.views},
         "cache": {"root": str((folder.parent / "cache").resolve())},  # shared: equal teachers share a store
         "student": {"model": plan.student, "image_size": 32},
-        "train": {"steps": steps, "batch_labelled": 64, "batch_unlabelled": 64, "log_every": 50,
+        "train": {"steps": setting.steps, "batch_labelled": 64, "batch_unlabelled": 64, "log_every": 50,
                   "channels_last": True,  # about 10% faster steps for this student on CPU
-                  "checkpoint_every": steps, "out_dir": str((folder / "runs").resolve())},
+                  "checkpoint_every": setting.steps, "out_dir": str((folder / "runs").resolve())},
     }
     for section, values in plan.extra.items():  # single keys per section, e.g. {"train": {"lr": 5e-4}}
         doc.setdefault(section, {}).update(values)
@@ -175,7 +179,7 @@ def run(out: Path, plan: DemoPlan, log=print) -> dict:
 
     train_items = [Item(("train", int(i)), int(source.labels["train"][i])) for i in np.sort(student_pool)]
     results: dict = {"plan": asdict(plan), "settings": {}, "timings": timings}
-    for setting in plan.settings:
+    for setting in (each.resolved(plan) for each in plan.settings):
         log(f"== {setting.name}")
         shards = out / "shards" / setting.budget
         if not (shards / MANIFEST).exists():
@@ -191,10 +195,9 @@ def run(out: Path, plan: DemoPlan, log=print) -> dict:
         timings[f"{setting.name}/cache_teacher_s"] = time.perf_counter() - tick
         report = summarize(store)
         accuracy = {"teacher": [report["teacher_accuracy"]["test"]]}
-        seeds = setting.seeds or plan.seeds
-        for method in setting.methods or plan.methods:
+        for method in setting.methods:
             accuracy[method] = []
-            for seed in seeds[:1] if method in plan.one_seed_methods else seeds:
+            for seed in setting.seeds[:1] if method in plan.one_seed_methods else setting.seeds:
                 run_dir = folder / "runs" / f"{method}-seed{seed}"
                 overrides = METHOD_OVERRIDES[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"]
                 tick = time.perf_counter()
@@ -209,8 +212,8 @@ def run(out: Path, plan: DemoPlan, log=print) -> dict:
             "spread": {m: float(np.max(v) - np.min(v)) for m, v in accuracy.items()},
             "runs": accuracy,
             "teacher_kind": setting.teacher_kind,
-            "steps": setting.steps or plan.steps,
-            "views": setting.views or plan.views,
+            "steps": setting.steps,
+            "views": setting.views,
             "teacher_zero_shot": report["teacher_accuracy"]["test"] if zero_shot is None else zero_shot,
             "teacher_view_accuracy": report["teacher_view_accuracy"],  # per split, on the cached random views
             "labelled_images": report["split_rows"]["labelled"],
