@@ -21,6 +21,7 @@ as it is measured, so a run cut short keeps what it measured.
 
     python benchmarks/speed.py                      # CPU: writes benchmarks/speed.json
     python benchmarks/speed.py --device cuda --out benchmarks/speed-cuda.json
+    python benchmarks/speed.py --device cuda --steps 300 --skip teacher_forward --skip stage_one_jpeg  # stage two
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ DEFAULTS = {  # per device: teacher, student, student px, images per class in th
     "cuda": {"teacher": "ViT-L-14", "student": "resnet50", "image_size": 224, "per_class": 400, "steps": 60,
              "batch": 64, "views": 8, "workers": max(1, min(14, (os.cpu_count() or 2) - 2))},
 }
+OPTIONAL_SECTIONS = ("teacher_forward", "stage_one_jpeg", "stage_two")
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 JPEG_SIZE, JPEG_QUALITY, JPEG_GRAIN = (500, 375), 90, 8.0
 
@@ -94,21 +96,23 @@ class Results(dict):
               help="Images in the 500x375 JPEG source [2000 on cuda; 0 (skipped) on cpu].")
 @click.option("--fmnist", type=click.Path(file_okay=False, exists=True, path_type=Path), default=FASHION_MNIST_DIR,
               show_default=True, help="Fashion-MNIST idx folder (a copy of part of it will do).")
+@click.option("--skip", multiple=True, type=click.Choice(OPTIONAL_SECTIONS),
+              help="Leave a section out (repeat the flag); stage one always runs: stage two reads its store.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON output [benchmarks/speed.json on cpu, benchmarks/speed-cuda.json on cuda].")
 def main(device: str, teacher_model: str | None, student: str | None, image_size: int | None, steps: int | None,
-         jpegs: int | None, fmnist: Path, out: Path | None) -> None:
+         jpegs: int | None, fmnist: Path, skip: tuple[str, ...], out: Path | None) -> None:
     settings = dict(DEFAULTS[device])
     settings.update({k: v for k, v in (("teacher", teacher_model), ("student", student), ("image_size", image_size),
                                        ("steps", steps)) if v is not None})
     out = out or Path("benchmarks/speed.json" if device == "cpu" else "benchmarks/speed-cuda.json")
     with tempfile.TemporaryDirectory(prefix="dho-speed-") as work:
         jpegs = (2000 if device == "cuda" else 0) if jpegs is None else jpegs
-        results = measure(Path(work), device, settings, IdxSource(fmnist), jpegs, out)
+        results = measure(Path(work), device, settings, IdxSource(fmnist), jpegs, set(skip), out)
     click.echo(json.dumps(results, indent=1))
 
 
-def measure(work: Path, device: str, s: dict, source: IdxSource, jpegs: int, out: Path) -> Results:
+def measure(work: Path, device: str, s: dict, source: IdxSource, jpegs: int, skip: set[str], out: Path) -> Results:
     """Build the slice, the teacher file and the config under `work`; time both stages there."""
     results = Results(out, device=device_name(device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                       threads=torch.get_num_threads(), teacher=s["teacher"],
@@ -123,10 +127,12 @@ def measure(work: Path, device: str, s: dict, source: IdxSource, jpegs: int, out
     names = load_manifest(cfg.location(cfg.data.shards)).class_names
 
     results.record("stage_one", lambda: stage_one(config))
-    results.record("teacher_forward", lambda: bare_forward(config, names, device))
-    if jpegs:
-        results.record("stage_one_jpeg", lambda: jpeg_stage_one(work, config, source, jpegs))
-    results.record("stage_two", lambda: stage_two(work, config, s, device))
+    sections = {"teacher_forward": lambda: bare_forward(config, names, device),
+                "stage_one_jpeg": lambda: jpeg_stage_one(work, config, source, jpegs),
+                "stage_two": lambda: stage_two(work, config, s, device)}
+    for section, run in sections.items():
+        if section not in skip and (jpegs or section != "stage_one_jpeg"):
+            results.record(section, run)
     results.record("ratios", lambda: ratios(results))
     return results
 
@@ -319,17 +325,22 @@ def throughput(metrics: Path, images_per_step: int) -> dict[str, float]:
 
 
 def ratios(results: dict) -> dict:
-    two, one, bare = results["stage_two"], results["stage_one"], results["teacher_forward"]
+    """The ratios the measured sections allow."""
+    found = {}
+    bare = results.get("teacher_forward", {})
     default = "bf16" if "bf16" in bare else "fp32"  # what teacher.dtype: auto runs on this device
-    found = {
-        "stage_one_steady_vs_bare_forward": one["steady_views_per_s"] / bare[default]["views_per_s"],
-        "dho_cached_vs_ce_only_images_per_s": two["dho_cached"]["images_per_s"] / two["ce_only"]["images_per_s"],
-        "dho_cached_vs_ce_only_steps_per_s": two["dho_cached"]["steps_per_s"] / two["ce_only"]["steps_per_s"],
-        "dho_cached_vs_online_steps_per_s": two["dho_cached"]["steps_per_s"] / two["dho_online"]["steps_per_s"],
-    }
-    if "steady_views_per_s" in results.get("stage_one_jpeg", {}):
-        found["jpeg_stage_one_steady_vs_bare_forward"] = (results["stage_one_jpeg"]["steady_views_per_s"]
-                                                          / bare[default]["views_per_s"])
+    if default in bare:
+        rate = bare[default]["views_per_s"]
+        found["stage_one_steady_vs_bare_forward"] = results["stage_one"]["steady_views_per_s"] / rate
+        if "steady_views_per_s" in results.get("stage_one_jpeg", {}):
+            found["jpeg_stage_one_steady_vs_bare_forward"] = results["stage_one_jpeg"]["steady_views_per_s"] / rate
+    if "dho_cached" in results.get("stage_two", {}):
+        two = results["stage_two"]
+        found |= {
+            "dho_cached_vs_ce_only_images_per_s": two["dho_cached"]["images_per_s"] / two["ce_only"]["images_per_s"],
+            "dho_cached_vs_ce_only_steps_per_s": two["dho_cached"]["steps_per_s"] / two["ce_only"]["steps_per_s"],
+            "dho_cached_vs_online_steps_per_s": two["dho_cached"]["steps_per_s"] / two["dho_online"]["steps_per_s"],
+        }
     return found
 
 
