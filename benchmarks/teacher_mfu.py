@@ -5,6 +5,7 @@ open_clip's towers use nn.MultiheadAttention: in eval mode without autocast torc
 with the fast path off, attention runs through F.scaled_dot_product_attention, whose kernel can be pinned.
 torch.compile's max-autotune modes may fuse the bias, GELU, LayerNorm and residual work into the matmuls; each
 mode is measured with the fast path off (attention as plain ops inductor can see) and on.
+A variant moves each MLP's bias and GELU into its first matmul's epilogue (eager, no compiler).
 The profile splits one eager forward's device time into matmuls, attention and the memory-bound rest, with
 the matmuls' own TFLOP/s, so the gap to the 50% target has a named owner.
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import click
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
@@ -95,6 +97,7 @@ def main(model: str, batch: int, device: str, seconds: float, modes: tuple[str, 
     for path, (fast_path, backend) in ATTENTION_PATHS.items() if attention else ():
         record(path, lambda fast_path=fast_path, backend=backend: with_attention(
             fast_path, backend, lambda: rate(lambda: teacher.logits(images))))
+    record("mha_fast_path_gelu_epilogue", lambda: gelu_epilogue(teacher, images, rate))
     for mode in modes:  # the fast path's fused attention is opaque to inductor; without it the block is plain ops
         for fast_path, suffix in ((False, "sdpa"), (True, "mha_fast_path")):
             record(f"compiled_{mode}_{suffix}", lambda mode=mode, fast_path=fast_path: with_attention(
@@ -110,6 +113,39 @@ def with_attention(fast_path: bool, backend: SDPBackend | None, measure: Callabl
             return measure()
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+class GeluEpilogueMlp(torch.nn.Module):
+    """A block's c_fc -> GELU -> c_proj with c_fc's bias and GELU in its matmul's epilogue (cuBLASLt on CUDA).
+
+    The epilogue computes GELU's tanh form, where open_clip's nn.GELU is the erf form.
+    """
+
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.c_fc, self.c_proj = mlp.c_fc, mlp.c_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        hidden = torch._addmm_activation(self.c_fc.bias, flat, self.c_fc.weight.t(), use_gelu=True)
+        return F.linear(hidden, self.c_proj.weight, self.c_proj.bias).view(*x.shape[:-1], -1)
+
+
+def gelu_epilogue(teacher: Teacher, images: torch.Tensor, rate: Callable) -> dict:
+    """The eager tower with every block's MLP as GeluEpilogueMlp: views/s, MFU and how far its logits move."""
+    blocks = teacher.model.transformer.resblocks
+    saved = [block.mlp for block in blocks]
+    reference = teacher.logits(images)
+    try:
+        for block in blocks:
+            block.mlp = GeluEpilogueMlp(block.mlp)
+        fused = teacher.logits(images)
+        return {**rate(lambda: teacher.logits(images)),
+                "max_logit_diff": (fused - reference).abs().max().item(),
+                "top1_agreement": (fused.argmax(1) == reference.argmax(1)).float().mean().item()}
+    finally:
+        for block, mlp in zip(blocks, saved, strict=True):
+            block.mlp = mlp
 
 
 def compiled(teacher: Teacher, images: torch.Tensor, mode: str, rate: Callable) -> dict:
