@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from torch.utils.data import DataLoader
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.data.samples import ShardDataError, parse_sample
 from dho_pipeline.data.shards import iter_shard, load_manifest, sha256_file, write_shards
 from dho_pipeline.data.splits import split_source
-from dho_pipeline.data.views import normalize, render_view, view_params
+from dho_pipeline.data.teacher_views import TeacherViewBatches
+from dho_pipeline.data.views import ViewRecipe, normalize, render_view, view_params
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch, TeacherStore
 from dho_pipeline.teacher.open_clip_teacher import load_teacher
@@ -88,6 +90,25 @@ def test_cached_logits_equal_teacher_on_replayed_view(cached_store, shards_dir, 
                                        rtol=2e-3, atol=2e-2)
     assert rows.done.all() and (rows.labels >= 0).all()
     assert len({tuple(b) for b in rows.boxes[:, 1:].reshape(-1, 4).tolist()}) > 10, "random views must differ"
+
+
+def test_view_batches_from_loader_workers_equal_the_in_process_ones(shards_dir):
+    """Worker batches are rendered straight into shared memory; they must hold exactly what one process renders."""
+    manifest = load_manifest(shards_dir)
+    shards = manifest.splits["labelled"][:1] + manifest.splits["unlabelled"][:2]
+
+    def batches(workers: int) -> list[dict]:
+        dataset = TeacherViewBatches(shards, ViewRecipe(count=3), 24, images_per_batch=4 * 7)
+        loaded = DataLoader(dataset, batch_size=None, num_workers=workers)
+        return sorted(loaded, key=lambda batch: (batch["shard"], batch["rows"][0]))
+
+    local, forked = batches(0), batches(2)
+    assert len(local) == len(forked) and len(local) > len(shards)
+    assert any(len(batch["rows"]) < 7 for batch in local)  # a shard ends on a partial batch
+    for one, other in zip(local, forked, strict=True):
+        assert other["images"].shape == one["images"].shape == (len(one["rows"]), 4, 3, 24, 24)
+        assert torch.equal(other["images"], one["images"])
+        assert all(np.array_equal(other[key], one[key]) for key in ("rows", "labels", "boxes", "flips", "bad"))
 
 
 def test_eval_splits_hold_the_clean_view_only(cached_store):

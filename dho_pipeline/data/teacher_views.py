@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -46,36 +47,52 @@ class TeacherViewBatches(IterableDataset):
         shard = self.shards[index]
         views = self.view_ids or list(range(views_for_split(shard.split, self.recipe)))
         per_batch = max(1, self.images_per_batch // len(views))
-        pending: list[dict] = []
+        images, pending = None, []
         for position, raw in enumerate(iter_shard(shard)):
-            pending.append(self._render(parse_sample(raw, shard, position, self.skip_bad), views))
+            if images is None:
+                images = batch_buffer((per_batch, len(views), 3, self.image_size, self.image_size))
+            sample = parse_sample(raw, shard, position, self.skip_bad)
+            pending.append(self._render(sample, views, images[len(pending)]))
             if len(pending) == per_batch:
-                yield self._collate(index, pending)
-                pending = []
+                yield self._collate(index, pending, images)
+                images, pending = None, []
         if pending:
-            yield self._collate(index, pending)
+            yield self._collate(index, pending, images[: len(pending)])
 
-    def _render(self, sample, views: list[int]) -> dict:
-        size = self.image_size
-        images = torch.zeros(len(views), 3, size, size, dtype=torch.uint8)
+    def _render(self, sample, views: list[int], out: torch.Tensor) -> dict:
+        """Render the sample's views into `out` (V, 3, S, S); a skipped bad image leaves zeros."""
         boxes = np.zeros((len(views), 4), np.float32)
         flips = np.zeros(len(views), bool)
-        if sample.image is not None:
+        if sample.image is None:
+            out.zero_()
+        else:
             _, height, width = sample.image.shape
             for v, view in enumerate(views):
                 boxes[v], flips[v] = view_params(self.recipe, sample.row, view, width, height)
-                images[v] = render_view(sample.image, boxes[v], bool(flips[v]), size)
-        return {"row": sample.row, "label": sample.label, "bad": sample.image is None,
-                "images": images, "boxes": boxes, "flips": flips}
+                out[v] = render_view(sample.image, boxes[v], bool(flips[v]), self.image_size)
+        return {"row": sample.row, "label": sample.label, "bad": sample.image is None, "boxes": boxes,
+                "flips": flips}
 
     @staticmethod
-    def _collate(index: int, items: list[dict]) -> dict:
+    def _collate(index: int, items: list[dict], images: torch.Tensor) -> dict:
         return {
             "shard": index,
             "rows": np.array([it["row"] for it in items]),
             "labels": np.array([it["label"] for it in items], np.int16),
             "bad": np.array([it["bad"] for it in items]),
-            "images": torch.stack([it["images"] for it in items]),
+            "images": images,
             "boxes": np.stack([it["boxes"] for it in items]),
             "flips": np.stack([it["flips"] for it in items]),
         }
+
+
+def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor to render a batch into; inside a loader worker it is allocated in shared
+    memory, so it reaches the main process without the copy (and the per-image stack) a worker's tensor costs.
+
+    torch's own default_collate allocates its worker batches the same way.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
