@@ -69,6 +69,36 @@ def _simplecache_folder() -> Path:
     return folder
 
 
+_INHERITED: list[fsspec.AbstractFileSystem] = []  # in a forked child: the parent's instances, never used
+
+
+def _cached_instances() -> list[fsspec.AbstractFileSystem]:
+    """Every instance in fsspec's per-class instance caches (zarr's asynchronous ones included)."""
+    classes, instances = [fsspec.AbstractFileSystem], []
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        instances.extend(cls.__dict__.get("_cache", {}).values())
+    return instances
+
+
+def _hold_inherited() -> None:
+    _INHERITED[:] = _cached_instances()
+
+
+def _release_inherited() -> None:
+    _INHERITED.clear()
+
+
+# A forked loader worker gets copies of the parent's filesystem instances, with their aiohttp sessions on the
+# parent's event loops and sockets. fsspec drops them from its cache in the child and builds the child its own;
+# collected there, s3fs would close the parent's client from the child, and an asynchronous instance's
+# session (zarr's) logs "Unclosed client session". The child keeps them, unused, until it ends with
+# os._exit, which collects nothing; the parent keeps nothing beyond the fork.
+if hasattr(os, "register_at_fork"):  # POSIX; spawned children inherit nothing
+    os.register_at_fork(before=_hold_inherited, after_in_parent=_release_inherited)
+
+
 def _filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     """fsspec's instance for the scheme (fsspec caches it per process: async ones are not fork-safe)."""
     try:

@@ -6,6 +6,8 @@ import collections
 import functools
 import http.server
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -127,6 +129,27 @@ def test_shards_and_store_on_s3_train_the_same_student(bucket, fmnist, shards_di
     assert losses(remote_run) == losses(local)
     final = torch.load(remote_run / "final.pt", weights_only=False)
     assert final["store"] == f"{bucket}/store.zarr" and final["shards"] == f"{bucket}/shards"
+
+
+def test_loader_workers_leave_the_parents_s3_sessions_alone(bucket, shards_dir, cached_store):
+    """Forked loader workers inherit the parent's S3 filesystems (zarr's asynchronous one included). Collected
+    in a worker, zarr's logged 'Unclosed client session' once per worker and s3fs closed the parent's client
+    there; a full collection early in each worker (what a long run does sooner or later) makes that certain."""
+    location(bucket).fs.put(str(cached_store), f"{bucket[5:]}/store.zarr", recursive=True)  # its files as they are
+    code = (
+        "import gc\n"
+        "from torch.utils.data import DataLoader\n"
+        "from dho_pipeline.data.shards import load_manifest\n"
+        "from dho_pipeline.data.student_stream import StreamSpec, StudentStream\n"
+        f"shards = load_manifest({str(shards_dir)!r}).splits['labelled']\n"
+        f"stream = StudentStream(shards, '{bucket}/store.zarr', StreamSpec(student_size=32), batch_size=8)\n"
+        "loader = DataLoader(stream, batch_size=None, num_workers=2, worker_init_fn=lambda _: gc.collect())\n"
+        "batches = iter(loader)\n"
+        "print(sum(len(next(batches)['row']) for _ in range(4)), flush=True)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "32", run.stderr
+    assert "Unclosed" not in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("cache", ["", "simplecache::"])
