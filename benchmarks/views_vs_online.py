@@ -80,6 +80,7 @@ from dho_pipeline.errors import human_bytes
 from dho_pipeline.store.lookup import find_store
 from dho_pipeline.store.report import summarize
 from dho_pipeline.store.zarr_store import TeacherStore
+from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import cache_teacher, evaluate, train_student
 from stages.demo import FULL, load_fashion_mnist, teacher_checkpoint, teacher_file
 
@@ -225,7 +226,7 @@ def student_run(config: Path, run_dir: Path, method: str, seed: int, k: int | No
     final, last = run_dir / "final.pt", run_dir / "last.pt"
     timing = read_json(run_dir / "timing.json") or {}
     if not final.exists():
-        resumed_from = torch.load(last, map_location="cpu", weights_only=False)["step"] if last.exists() else 0
+        resumed_from = load_checkpoint(last)["step"] if last.exists() else 0
         log(f"training {run_dir.name}" + (f", resuming at step {resumed_from}" if resumed_from else ""))
         tick = time.perf_counter()
         train_student.run(cfg, resume=last.exists())

@@ -4,6 +4,7 @@ finished store; helpers to check one-line CLI errors and to fill a disk."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,16 @@ def cached_store(shards_dir: Path, teacher_file: Path, tmp_path_factory: pytest.
 
     config = write_config(tmp_path_factory.mktemp("cached") / "p.yaml", shards_dir, teacher_file)
     return cache_teacher.run(load_config(config)).path
+
+
+class RunsCodeOnLoad:
+    """Pickles as a call of os.mkdir(marker): what a crafted file could run on an unguarded torch.load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
 
 
 def one_line_error(result: Result, *names: str) -> str:

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import write_shards
 from dho_pipeline.data.splits import split_source
 from dho_pipeline.store.zarr_store import TeacherStore
+from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import cache_teacher
 from tests.conftest import write_config
 
@@ -41,7 +41,7 @@ def test_two_ranks_write_the_same_store_and_train(shards_dir, teacher_file, tmp_
     same_store(single, tmp_path / "ranks.zarr")
 
     torchrun("train-student", "-c", str(config), "--set", f"cache.store={tmp_path / 'ranks.zarr'}")
-    final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    final = load_checkpoint(tmp_path / "run" / "final.pt")
     assert final["step"] == 4 and len(final["rng"]) == 2
 
 
@@ -68,5 +68,5 @@ def test_world_sizes_that_do_not_divide_the_shards(fmnist, teacher_file, tmp_pat
     torchrun("train-student", "-c", str(config), "--set", f"cache.store={tmp_path / 'four.zarr'}", ranks=4)
     # DDP all-reduces every step and final.pt gathers every rank's RNG state after the last one: a rank that
     # ran out of data or stopped early would hang the others into the timeout instead
-    final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)
+    final = load_checkpoint(tmp_path / "run" / "final.pt")
     assert final["step"] == 5 and len(final["rng"]) == 4

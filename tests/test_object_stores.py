@@ -14,7 +14,6 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from moto import server as moto_server
 
@@ -25,6 +24,7 @@ from dho_pipeline.locations import UrlPath, location
 from dho_pipeline.store import lock as store_lock
 from dho_pipeline.store.copy import copy_store
 from dho_pipeline.store.zarr_store import TeacherStore
+from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import cache_teacher, train_student
 from stages import evaluate as evaluate_stage
 from tests.conftest import one_line_error, write_config
@@ -127,7 +127,7 @@ def test_shards_and_store_on_s3_train_the_same_student(bucket, fmnist, shards_di
     cfg = load_config(config, [f"data.shards={bucket}/shards", "data.num_workers=1"])
     remote_run = train_student.run(cfg)
     assert losses(remote_run) == losses(local)
-    final = torch.load(remote_run / "final.pt", weights_only=False)
+    final = load_checkpoint(remote_run / "final.pt")
     assert final["store"] == f"{bucket}/store.zarr" and final["shards"] == f"{bucket}/shards"
 
 
@@ -275,7 +275,7 @@ def test_evaluate_names_a_store_that_is_not_the_one_trained_from(cached_store, s
     store = tmp_path / "store.zarr"
     copy_store(cached_store, store, progress=False)
     run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, store, steps=2)))
-    final = torch.load(run / "final.pt", weights_only=False)
+    final = load_checkpoint(run / "final.pt")
     assert final["store_fingerprint"] == TeacherStore.open(store).attrs["fingerprint_hash"]
     assert evaluate_stage.run(run / "final.pt")["teacher"] is not None
 

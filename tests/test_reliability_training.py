@@ -18,7 +18,7 @@ from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
 from dho_pipeline.student.checkpoint import load_checkpoint
-from tests.conftest import one_line_error, resize_tmpfs, tmpfs, write_config
+from tests.conftest import RunsCodeOnLoad, one_line_error, resize_tmpfs, tmpfs, write_config
 
 pytestmark = pytest.mark.reliability
 
@@ -54,7 +54,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = torch.load(a, weights_only=False)["model"], torch.load(b, weights_only=False)["model"]
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -71,6 +71,7 @@ def image_file(fmnist, tmp_path) -> Path:
     ("truncated", "not a readable checkpoint"),
     ("state dict", "not a train-student checkpoint (it lacks model, optimizer"),
     ("unfinished run", "a checkpoint of an unfinished run"),
+    ("runs code", "refused: loading it would call posix.mkdir"),
 ])
 def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(command, damage, says, uninterrupted, teacher_file,
                                                               image_file, tmp_path):
@@ -82,11 +83,14 @@ def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(command, damage, s
         bad.write_bytes(whole[: len(whole) // 2])
     elif damage == "state dict":
         shutil.copy(teacher_file, bad)  # a model's state dict, saved by torch, is not a run's checkpoint
+    elif damage == "runs code":
+        torch.save({**load_checkpoint(uninterrupted / "final.pt"), "model": RunsCodeOnLoad(tmp_path / "ran")}, bad)
     else:
         bad = uninterrupted / "last.pt"
     images = [str(image_file)] if command == "predict" else []
     result = CliRunner().invoke(main, [command, str(bad), *images])
     one_line_error(result, str(bad), says)
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize(("content", "says"), [
@@ -171,7 +175,7 @@ def test_resume_with_another_number_of_processes_is_refused(cached_store, shards
     config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
     assert train(config, "--max-steps", "4").exit_code == 0
     last = tmp_path / "run" / "last.pt"
-    state = torch.load(last, weights_only=False)
+    state = load_checkpoint(last)
     state["rng"] = state["rng"] * 2  # as written by two torchrun ranks
     torch.save(state, last)
     one_line_error(train(config, "--resume"), str(last), "written by 2 process(es), resumed with 1")
@@ -184,7 +188,7 @@ def test_evaluate_without_a_test_split_says_so(uninterrupted, tmp_path):
     manifest = json.loads((shards / "manifest.json").read_text())
     del manifest["splits"]["test"]
     (shards / "manifest.json").write_text(json.dumps(manifest))
-    final = torch.load(uninterrupted / "final.pt", weights_only=False)
+    final = load_checkpoint(uninterrupted / "final.pt")
     final["shards"] = str(shards)
     torch.save(final, tmp_path / "final.pt")
     one_line_error(CliRunner().invoke(main, ["evaluate", str(tmp_path / "final.pt")]), str(shards), "no test split")

@@ -17,6 +17,7 @@ from dho_pipeline.data.shards import iter_shard, load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream, cached_view
 from dho_pipeline.data.views import decode_image, normalize, render_view, view_params
 from dho_pipeline.store.lookup import find_store, view_recipe
+from dho_pipeline.student.checkpoint import load_checkpoint
 from dho_pipeline.student.evaluation import HeadOutputs, accuracy, combine, search_alpha_beta
 from dho_pipeline.student.losses import kd_loss, training_loss
 from dho_pipeline.teacher.open_clip_teacher import load_teacher
@@ -126,8 +127,8 @@ def test_stop_and_resume_gives_the_same_metrics(cached_store, shards_dir, teache
     second = runner.invoke(main, ["train-student", "-c", str(config), "--resume"])
     assert second.exit_code == 0, second.output
     assert losses(tmp_path / "resumed") == losses(whole)
-    a = torch.load(whole / "final.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed" / "final.pt", weights_only=False)["model"]
+    a = load_checkpoint(whole / "final.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "final.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -148,7 +149,7 @@ def test_alpha_beta_search_returns_the_best_grid_point():
 def test_baselines_run_from_the_same_store(method, cached_store, shards_dir, teacher_file, tmp_path):
     run = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=4,
                                                      method=method)))
-    final = torch.load(run / "final.pt", weights_only=False)
+    final = load_checkpoint(run / "final.pt")
     assert final["method"] == method and (final["alpha"], final["beta"]) == (1.0, 1.0)
     assert final["store"] == str(cached_store)
     parts = [r for r in losses(run) if "loss" in r][0]

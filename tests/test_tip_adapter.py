@@ -14,12 +14,21 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import AdapterConfig, load_config
 from dho_pipeline.data.shards import load_manifest, write_shards
 from dho_pipeline.data.splits import split_source
+from dho_pipeline.errors import CheckpointError
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch
 from dho_pipeline.teacher.open_clip_teacher import load_teacher
-from dho_pipeline.teacher.tip_adapter import TipAdapter, fit_adapter, search_ab, tip_logits, train_keys
+from dho_pipeline.teacher.tip_adapter import (
+    ADAPTER_FORMAT,
+    TipAdapter,
+    fit_adapter,
+    load_adapter,
+    search_ab,
+    tip_logits,
+    train_keys,
+)
 from stages import cache_teacher
-from tests.conftest import SHARD_SIZE, write_config
+from tests.conftest import SHARD_SIZE, RunsCodeOnLoad, write_config
 
 ADAPTER = {"augment_epochs": 3, "epochs": 10, "search_b_steps": 40, "search_a_steps": 10}
 
@@ -125,3 +134,11 @@ def test_fit_adapter_cli_writes_a_file_cache_teacher_takes(few_shot_shards, trai
     assert out.is_file() and '"kind": "tip-adapter-f"' in result.output
     path = cache_teacher.run(load_config(config, [f"teacher.adapter.file={out}"])).path
     assert load_config(config).teacher.kind == "tip-adapter-f" and (path / "zero_shot").is_dir()
+
+
+def test_an_adapter_file_that_would_run_code_is_refused_unrun(tmp_path):
+    bad = tmp_path / "adapter.pt"
+    torch.save({"format": ADAPTER_FORMAT, "keys": RunsCodeOnLoad(tmp_path / "ran")}, bad)
+    with pytest.raises(CheckpointError, match=r"adapter\.pt: not a dho adapter file .*refused: loading it would call"):
+        load_adapter(bad, {})
+    assert not (tmp_path / "ran").exists()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dho_pipeline.errors import CheckpointError, disk_full, is_disk_full
+from dho_pipeline.safe_load import safe_load
 
 # What train-student writes into every checkpoint (final.pt adds alpha, beta and method).
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "rng", "config", "class_names",
@@ -69,7 +70,7 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_load(path, map_location="cpu")
     except OSError:
         raise
     except Exception as e:

@@ -23,8 +23,10 @@ from dho_pipeline.config import AdapterConfig, PipelineConfig
 from dho_pipeline.data.shards import Manifest, Shard
 from dho_pipeline.data.teacher_views import TeacherViewBatches
 from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, normalize
+from dho_pipeline.errors import CheckpointError, one_line
 from dho_pipeline.locations import Location, UrlPath, location
 from dho_pipeline.runtime import Runtime
+from dho_pipeline.safe_load import safe_load
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.teacher.open_clip_teacher import LOGIT_SCALE, Teacher
 
@@ -179,9 +181,12 @@ def load_adapter(path: Location, teacher_fingerprint: dict) -> tuple[TipAdapter,
     if not path.is_file():
         raise FileNotFoundError(f"teacher.adapter.file: {path} not found (make one with `dho fit-adapter`)")
     data = path.read_bytes()
-    state = torch.load(io.BytesIO(data), weights_only=False)
-    if state.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path}: not a dho adapter file")
+    try:
+        state = safe_load(io.BytesIO(data))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a dho adapter file ({type(e).__name__}: {one_line(e)})") from e
+    if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: not a dho adapter file")
     fields = sorted(k for k in set(state["teacher"]) | set(teacher_fingerprint)
                     if state["teacher"].get(k) != teacher_fingerprint.get(k))
     if fields:

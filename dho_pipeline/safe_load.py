@@ -1,0 +1,33 @@
+"""torch.load for the files dho writes (checkpoints, adapters): weights only, so loading a file runs no code.
+
+Checkpoints and adapters travel between machines and people; an unpickler that may call any global would
+let a crafted file run code on load. These files hold tensors, plain Python values and the numpy RNG state
+(one uint32 array), so torch's weights-only unpickler with numpy's array globals allowed reads all of them.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_load(file: str | IO[bytes], **kwargs: Any) -> Any:
+    """torch.load(file, weights_only=True), with numpy arrays of plain dtypes allowed.
+
+    A file that would call anything else raises pickle.UnpicklingError naming what it would call.
+    """
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(file, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        called = re.search(r"GLOBAL (\S+)", str(e))
+        if called is None:
+            raise
+        raise pickle.UnpicklingError(f"refused: loading it would call {called.group(1)}, and dho's files hold only "
+                                     "tensors and plain values") from e
