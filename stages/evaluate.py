@@ -84,9 +84,11 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
                              "test/ folder in the source)")
     manifest.check_files(manifest.shards(("val", "test")))
 
+    skip_bad = student.checkpoint["config"]["data"].get("on_bad_image") == "skip"  # as the run was trained
+
     def outputs(shards: list[Shard]) -> HeadOutputs:
-        return head_outputs(student.model, clean_batches(shards, student.data.image_size, cfg.batch_size),
-                            student.data, dev)
+        batches = clean_batches(shards, student.data.image_size, cfg.batch_size, skip_bad=skip_bad)
+        return head_outputs(student.model, batches, student.data, dev)
 
     method = student.checkpoint.get("method", "dho")
     single_head = method != "dho"  # CE-only and single-head KD train the CE head alone: alpha = 1, no search

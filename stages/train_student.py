@@ -384,7 +384,8 @@ def save_final(ctx: RunContext, student: Student, checkpoints: Checkpoints) -> N
     alpha, beta = cfg.eval.default_alpha, cfg.eval.default_beta
     val_shards = ctx.manifest.splits.get("val", [])
     if ctx.runtime.is_main and val_shards and tc.method == "dho":
-        batches = clean_batches(val_shards, student.data.image_size, cfg.eval.batch_size)
+        batches = clean_batches(val_shards, student.data.image_size, cfg.eval.batch_size,
+                                skip_bad=cfg.data.on_bad_image == "skip")
         out = head_outputs(student.model, batches, student.data, ctx.runtime.device)
         alpha, beta, _ = search_alpha_beta(out, cfg.eval.alpha_grid, cfg.eval.beta_grid)
     if tc.method != "dho":
@@ -395,7 +396,8 @@ def save_final(ctx: RunContext, student: Student, checkpoints: Checkpoints) -> N
 
 def validate(model: torch.nn.Module, shards: list, data, device: torch.device, cfg: PipelineConfig) -> dict:
     """Val top-1 of the CE head, the KD head and their combination at the default alpha/beta."""
-    out = head_outputs(model, clean_batches(shards, data.image_size, cfg.eval.batch_size), data, device)
+    batches = clean_batches(shards, data.image_size, cfg.eval.batch_size, skip_bad=cfg.data.on_bad_image == "skip")
+    out = head_outputs(model, batches, data, device)
     combined = combine(out.ce, out.kd, cfg.eval.default_alpha, cfg.eval.default_beta)
     return {"ce_head": accuracy(out.ce, out.labels), "kd_head": accuracy(out.kd, out.labels),
             "combined": accuracy(combined, out.labels)}

@@ -21,7 +21,7 @@ from dho_pipeline.data.views import ViewRecipe, normalize, render_view, view_par
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch, TeacherStore
 from dho_pipeline.teacher.open_clip_teacher import load_teacher
-from stages import cache_teacher
+from stages import cache_teacher, evaluate, train_student
 from tests.conftest import SHARD_SIZE, write_config
 
 
@@ -170,13 +170,13 @@ def test_inspect_json_reports_a_finished_store(cached_store):
 
 
 class CorruptOne:
-    """A source whose image number `bad` is not an image."""
+    """A source whose images `bad_refs` are not images."""
 
-    def __init__(self, source, bad_ref):
-        self.source, self.bad_ref, self.class_names = source, bad_ref, source.class_names
+    def __init__(self, source, *bad_refs):
+        self.source, self.bad_refs, self.class_names = source, bad_refs, source.class_names
 
     def read(self, ref):
-        return (b"not an image", "png") if ref == self.bad_ref else self.source.read(ref)
+        return (b"not an image", "png") if ref in self.bad_refs else self.source.read(ref)
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(fmnist, teacher_file, tmp_path):
@@ -190,3 +190,20 @@ def test_corrupt_image_is_named_or_skipped_and_counted(fmnist, teacher_file, tmp
     path = cache_teacher.run(load_config(config, ["data.on_bad_image=skip"])).path
     report = json.loads(CliRunner().invoke(main, ["cache", "inspect", str(path), "--json"]).output)
     assert report["bad_rows"] == 1 and report["done_fraction"] == 1.0
+
+
+def test_skip_reaches_validation_the_final_search_and_evaluate(fmnist, teacher_file, tmp_path):
+    """data.on_bad_image: skip holds in every reader: a bad val or test image no longer ends a finished run."""
+    splits = split_source(fmnist, shots=1, val_per_class=1, test_per_class=1, max_train_per_class=2, seed=3)
+    write_shards(CorruptOne(fmnist, splits["val"][2].ref, splits["test"][3].ref), splits, tmp_path / "shards",
+                 shard_size=8)
+    config = write_config(tmp_path / "p.yaml", tmp_path / "shards", teacher_file, data={"on_bad_image": "skip"},
+                          student={"model": "resnet10t", "image_size": 32},
+                          train={"steps": 2, "batch_labelled": 4, "batch_unlabelled": 4, "log_every": 1,
+                                 "out_dir": str(tmp_path / "run")})
+    cache_teacher.run(load_config(config))
+    run = train_student.run(load_config(config))
+    assert (run / "final.pt").is_file()
+    assert sum("val" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) == 1
+    result = evaluate.run(run / "final.pt")
+    assert result["images"] == len(splits["test"]) - 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -32,8 +32,12 @@ class ViewRecipe:
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """Decode image bytes to an RGB uint8 tensor (3, H, W)."""
-    with Image.open(io.BytesIO(data)) as img:
+    """Decode image bytes to an RGB uint8 tensor (3, H, W); bytes of no image format raise ValueError."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image in any format PIL reads (it begins {data[:16]!r})") from None
+    with img:
         rgb = np.asarray(img.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
