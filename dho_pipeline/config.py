@@ -232,7 +232,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """Read pipeline.yaml (or the defaults when `path` is None) and apply `key=value` overrides."""
     raw: dict[str, Any] = {}
-    base_dir = Path(".")
+    base_dir = Path.cwd()  # absolute, so paths a checkpoint records hold from any working directory
     if path is not None:
         path = Path(path)
         try:
@@ -241,7 +241,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Pipeline
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        base_dir = path.parent
+        base_dir = path.parent.absolute()
     for text in overrides:
         keys, value = parse_override(text)
         node = raw

@@ -48,8 +48,12 @@ def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Sha
 def teacher_accuracy(store_path: str | None, fingerprint: str | None, shards: list[Shard],
                      out: HeadOutputs) -> float | None:
     """The cached teacher's top-1 on the same rows (clean view, checked reads), when the store the student was
-    trained from is at hand: a store found at its path with another fingerprint is named and left out."""
-    if not store_path or not location(store_path).exists():
+    trained from is at hand: a store missing from its path, or found there with another fingerprint, is named
+    and left out."""
+    if not store_path:
+        return None
+    if not location(store_path).exists():
+        warn(f"{store_path}: the store this student was trained from is not there: its teacher accuracy is left out")
         return None
     store = TeacherStore.open(store_path)
     found = store.attrs["fingerprint_hash"]

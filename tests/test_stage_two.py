@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +197,25 @@ def test_predict_prints_top_k_classes(cached_store, shards_dir, teacher_file, tm
     assert result.exit_code == 0, result.output
     top = json.loads(result.output)[str(image)]
     assert len(top) == 2 and top[0][0] in fmnist.class_names and top[0][1] >= top[1][1]
+
+
+def test_a_run_from_relative_paths_evaluates_from_any_directory(cached_store, shards_dir, teacher_file, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Paths relative to the config are recorded absolute: evaluate works from elsewhere, and says when the
+    store it was trained from is gone."""
+    project = tmp_path / "project"
+    shutil.copytree(shards_dir, project / "shards")
+    shutil.copytree(cached_store, project / "store.zarr")
+    config = write_config(project / "p.yaml", project / "shards", teacher_file, student=STUDENT,
+                          cache={"store": "store.zarr"},
+                          train={"steps": 2, "batch_labelled": 8, "batch_unlabelled": 8, "out_dir": "run"})
+    config.write_text(config.read_text().replace(str(project / "shards"), "shards"))
+    monkeypatch.chdir(project)
+    run = train_student.run(load_config(Path("p.yaml")))
+    final = load_checkpoint(project / "run" / "final.pt")
+    assert run.is_absolute() and Path(final["shards"]).is_absolute() and Path(final["store"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_stage.run(Path("project/run/final.pt"))["teacher"] is not None
+    (project / "store.zarr").rename(project / "moved.zarr")
+    assert evaluate_stage.run(Path("project/run/final.pt"))["teacher"] is None
+    assert "store.zarr: the store this student was trained from is not there" in capsys.readouterr().err
