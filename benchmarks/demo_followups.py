@@ -73,7 +73,7 @@ def follow_up(demo_out: Path, folder: str, name: str, overrides: list[str]) -> d
     if not (run_dir / "final.pt").exists():
         settings = ["train.method=dho", *overrides, f"train.out_dir={run_dir}"]
         cache_teacher.run(load_config(config, settings))  # a no-op when the store is complete
-        train_student.run(load_config(config, settings))
+        train_student.run(load_config(config, settings), overwrite=True)  # an unfinished attempt starts over
     result = evaluate.run(run_dir / "final.pt")
     # combined_searched is what the checkpoint deploys: the CE head alone (alpha 1) for single-head methods.
     return {"setting": folder, "run": name, "val": result["val_combined_searched"],

@@ -80,7 +80,7 @@ def accuracy_by_k(folder: Path, source: IdxSource, teacher: Path, ks: tuple[int,
             settings = [f"cache.top_k={k if k else 'null'}", "train.method=dho", f"train.seed={seed}",
                         f"train.out_dir={run_dir}"]
             if not (run_dir / "final.pt").exists():
-                train_student.run(load_config(config, settings))
+                train_student.run(load_config(config, settings), overwrite=True)  # an unfinished attempt starts over
             tests.append(evaluate.run(run_dir / "final.pt")["combined_searched"])
         found[name] = {"k": k, "test": tests, "mean": float(np.mean(tests)), "spread": float(np.ptp(tests)),
                        "logit_bytes_per_view": logit_bytes_per_view(TeacherStore.open(store))}

@@ -378,20 +378,26 @@ def cache_list(config: Path | None, root: Location | None) -> None:
 @main.command("train-student")
 @experiment_options
 @click.option("--resume", is_flag=True, help="Continue from train.out_dir/last.pt when it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in a train.out_dir that holds a run: remove its checkpoints, metrics and events first.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many steps (a checkpoint is saved); continue later with --resume.")
-def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool, max_steps: int | None) -> None:
+def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool, overwrite: bool,
+                  max_steps: int | None) -> None:
     """Train the dual-head student from the cached teacher logits.
 
     \b
     train.method: dho (CE head + KD head), single_head_kd or ce_only, on the same data and store.
     teacher.mode: cached (default; the teacher never runs) or online (the teacher runs every step,
     for comparison). Writes train.out_dir/{metrics.jsonl,last.pt,final.pt}; final.pt holds alpha and
-    beta searched on val. Runs under torchrun (DDP).
+    beta searched on val. A train.out_dir that holds a run is refused unless --resume continues it or
+    --overwrite replaces it. Runs under torchrun (DDP).
     """
     from stages import train_student as stage
 
-    out = stage.run(_config(config, overrides), resume=resume, max_steps=max_steps)
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in train.out_dir, --overwrite replaces it: give one")
+    out = stage.run(_config(config, overrides), resume=resume, overwrite=overwrite, max_steps=max_steps)
     _echo_main(f"run: {out}")
 
 

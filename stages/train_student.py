@@ -47,6 +47,15 @@ class TrainingDiverged(DhoError):
     """The loss or the weights stopped being finite; the message names the step, its shards and the checkpoint kept."""
 
 
+class RunFolderTaken(DhoError):
+    """train.out_dir holds another run's checkpoints and the command neither continues (--resume) nor replaces it."""
+
+
+# Every file train-student writes in train.out_dir (TensorBoard's event files by pattern): what --overwrite removes.
+RUN_FILES = ("last.pt", "last.pt.tmp", "final.pt", "final.pt.tmp", "metrics.jsonl")
+TENSORBOARD_FILES = "events.out.tfevents.*"
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every part of a run reads: the config, this process's place, the shards, the store, the step budget."""
@@ -86,12 +95,19 @@ class StepInputs:
     rows: torch.Tensor
 
 
-def run(cfg: PipelineConfig, resume: bool = False, max_steps: int | None = None) -> Path:
-    """Train (or continue training) the student of `cfg`; returns the run folder. `max_steps` stops early."""
+def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_steps: int | None = None) -> Path:
+    """Train (or continue training) the student of `cfg`; returns the run folder. `max_steps` stops early.
+
+    A new run refuses a train.out_dir that holds another run's checkpoints unless `overwrite` removes its files.
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
     ctx = setup_data(cfg)
+    checkpoints = Checkpoints(ctx)
+    if not resume:
+        checkpoints.claim_folder(overwrite)
     teacher = setup_teacher(ctx)
     student = setup_student(ctx)
-    checkpoints = Checkpoints(ctx)
     start_step = checkpoints.restore(student) if resume else 0
     metrics = MetricsLog(checkpoints.out_dir / "metrics.jsonl", start_step, ctx.runtime.is_main, cfg.train.tensorboard)
     feed = setup_loaders(ctx, teacher, student.data, start_step)
@@ -178,6 +194,31 @@ class Checkpoints:
         self.last = self.out_dir / "last.pt"
         self.last_step: int | None = None
 
+    def claim_folder(self, overwrite: bool) -> None:
+        """Make the run folder a new run's: refuse one that holds a run's checkpoints, or with `overwrite` remove
+        every file a run wrote there (other files stay). Rank 0 decides; every rank raises the same error."""
+        refusal = None
+        if self.ctx.runtime.is_main:
+            if overwrite:
+                for path in run_files(self.out_dir):
+                    path.unlink()
+            elif self.last.exists() or (self.out_dir / "final.pt").exists():
+                refusal = (f"{self.out_dir} holds a run ({self.described_run()}): continue it with --resume, or start "
+                           "over with --overwrite, or choose another train.out_dir")
+        refusal = self.ctx.runtime.broadcast(refusal)
+        if refusal:
+            raise RunFolderTaken(refusal)
+
+    def described_run(self) -> str:
+        """How far the run in the folder got, e.g. 'step 40 of 42', from its last.pt (or final.pt)."""
+        path = self.last if self.last.exists() else self.out_dir / "final.pt"
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError:
+            return f"{path.name} is not readable"
+        total = state.get("total_steps")
+        return f"step {state['step']}" + (f" of {total}" if total else "")
+
     def restore(self, student: Student) -> int:
         """Load last.pt, when there is one, into `student` and this process's RNGs; its step, else 0."""
         if not self.last.exists():
@@ -209,7 +250,8 @@ class Checkpoints:
                 "scheduler": student.scheduler.state_dict(), "scaler": student.scaler.state_dict(), "step": step,
                 "rng": states, "config": ctx.cfg.to_dict(), "class_names": ctx.manifest.class_names,
                 "student_data": student.data.__dict__, "store": ctx.store_path,
-                "store_fingerprint": ctx.store_fingerprint, "shards": str(ctx.manifest.root), **extra,
+                "store_fingerprint": ctx.store_fingerprint, "shards": str(ctx.manifest.root),
+                "total_steps": ctx.total_steps, **extra,
             })
         if path is None:
             self.last_step = step
@@ -219,6 +261,13 @@ class Checkpoints:
         if self.last_step is None:
             return "no checkpoint of this run was written yet"
         return f"the last good checkpoint {self.last} (step {self.last_step}) is kept"
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files in `out_dir` that train-student writes (checkpoints, metrics, TensorBoard events)."""
+    if not out_dir.is_dir():
+        return []
+    return [p for p in (out_dir / name for name in RUN_FILES) if p.exists()] + sorted(out_dir.glob(TENSORBOARD_FILES))
 
 
 def setup_loaders(ctx: RunContext, teacher: Teacher | None, data: StudentData, start_step: int) -> StepFeed:

@@ -192,3 +192,24 @@ def test_evaluate_without_a_test_split_says_so(uninterrupted, tmp_path):
     final["shards"] = str(shards)
     torch.save(final, tmp_path / "final.pt")
     one_line_error(CliRunner().invoke(main, ["evaluate", str(tmp_path / "final.pt")]), str(shards), "no test split")
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run_and_overwrite_starts_over(cached_store, shards_dir, teacher_file,
+                                                                               uninterrupted, tmp_path):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    assert train(config, "--max-steps", "4").exit_code == 0
+    run_dir = tmp_path / "run"
+    (run_dir / "notes.txt").write_text("someone's notes")
+    logged = (run_dir / "metrics.jsonl").read_text()
+
+    one_line_error(train(config), f"{run_dir} holds a run (step 4 of 8): continue it with --resume, or start over "
+                                  "with --overwrite, or choose another train.out_dir")
+    assert (run_dir / "metrics.jsonl").read_text() == logged and load_checkpoint(run_dir / "last.pt")["step"] == 4
+    assert train(config, "--resume", "--overwrite").exit_code == 2
+
+    again = train(config, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert metrics(run_dir) == metrics(uninterrupted)
+    assert same_weights(run_dir / "final.pt", uninterrupted / "final.pt")
+    assert (run_dir / "notes.txt").read_text() == "someone's notes"  # not a file of the run: kept
+    one_line_error(train(config), f"{run_dir} holds a run (step 8 of 8)")
