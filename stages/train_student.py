@@ -13,6 +13,7 @@ that stop being finite end the run at that step, before any checkpoint holds the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -51,6 +52,27 @@ class RunFolderTaken(DhoError):
     """train.out_dir holds another run's checkpoints and the command neither continues (--resume) nor replaces it."""
 
 
+class ResumeMismatch(DhoError):
+    """--resume with settings that would continue the run as another one than it started as."""
+
+
+# Settings --resume takes changed, because the continued run computes the same with them. The rest must be the
+# run's: the data order (batch sizes, seed, data.num_workers: the stream splits batches over workers), the
+# method and its schedule (train.steps and epochs too: the lr schedule spans the run's steps, so a longer run is
+# a new run), the student, the teacher and the eval settings that pick final.pt's alpha and beta.
+RESUME_FREE = {
+    # where the run folder is, and when and where numbers and checkpoints are written
+    "train.out_dir", "train.log_every", "train.checkpoint_every", "train.tensorboard",
+    # where and how the same arithmetic runs: a run may continue on another machine (it then matches an
+    # uninterrupted run up to rounding, and amp: auto follows the device)
+    "train.device", "train.compile", "train.channels_last",
+    # batch sizes of passes that do not train: validation, and the teacher's own passes (same logits)
+    "eval.batch_size", "teacher.batch_size",
+    # where the inputs are; what they hold is compared instead (the shards' hashes, the store's fingerprint)
+    "data.shards", "cache.root", "cache.store",
+}
+
+
 # Every file train-student writes in train.out_dir (TensorBoard's event files by pattern): what --overwrite removes.
 RUN_FILES = ("last.pt", "last.pt.tmp", "final.pt", "final.pt.tmp", "metrics.jsonl")
 TENSORBOARD_FILES = "events.out.tfevents.*"
@@ -71,6 +93,11 @@ class RunContext:
     @property
     def online(self) -> bool:
         return self.cfg.teacher.mode == "online"
+
+    @property
+    def shards_fingerprint(self) -> str:
+        """A hash of every shard's name, rows and sha256: the same data wherever the shards are."""
+        return hashlib.sha256(json.dumps(self.manifest.fingerprint()).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -224,6 +251,7 @@ class Checkpoints:
         if not self.last.exists():
             return 0
         state = load_checkpoint(self.last)
+        self.refuse_other_settings(state)
         ranks, world_size = len(state["rng"]), self.ctx.runtime.world_size
         if ranks != world_size:  # the loaders split the data by rank: another world size reads another order
             raise CheckpointError(f"{self.last}: written by {ranks} process(es), resumed with {world_size}; resume "
@@ -235,6 +263,21 @@ class Checkpoints:
         set_rng_state(state["rng"][self.ctx.runtime.rank])
         self.last_step = state["step"]
         return state["step"]
+
+    def refuse_other_settings(self, state: dict) -> None:
+        """ResumeMismatch naming each setting (and input) of this run that differs from the checkpoint's run."""
+        ctx = self.ctx
+        recorded, now = flat_config(state["config"]), flat_config(ctx.cfg.to_dict())
+        differ = [f"{key} {recorded[key]!r} -> {now[key]!r}" for key in recorded.keys() & now.keys()
+                  if key not in RESUME_FREE and recorded[key] != now[key]]
+        if state.get("shards_fingerprint", ctx.shards_fingerprint) != ctx.shards_fingerprint:
+            differ.append(f"the shards ({state['shards']} -> {ctx.manifest.root}: other files)")
+        if state["store_fingerprint"] != ctx.store_fingerprint:
+            differ.append(f"the teacher store ({state['store']} -> {ctx.store_path}: other logits)")
+        if differ:
+            raise ResumeMismatch(f"{self.last}: --resume with other settings than the run's (last.pt -> now): "
+                                 f"{', '.join(sorted(differ))}; resume with the run's settings, or start a new run "
+                                 "with --overwrite or another train.out_dir")
 
     def save(self, student: Student, step: int, path: Path | None = None, **extra) -> None:
         """Write last.pt (or `path`) from rank 0, with every rank's RNG state and `extra` keys."""
@@ -251,7 +294,7 @@ class Checkpoints:
                 "rng": states, "config": ctx.cfg.to_dict(), "class_names": ctx.manifest.class_names,
                 "student_data": student.data.__dict__, "store": ctx.store_path,
                 "store_fingerprint": ctx.store_fingerprint, "shards": str(ctx.manifest.root),
-                "total_steps": ctx.total_steps, **extra,
+                "total_steps": ctx.total_steps, "shards_fingerprint": ctx.shards_fingerprint, **extra,
             })
         if path is None:
             self.last_step = step
@@ -261,6 +304,17 @@ class Checkpoints:
         if self.last_step is None:
             return "no checkpoint of this run was written yet"
         return f"the last good checkpoint {self.last} (step {self.last_step}) is kept"
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
+    """`config` (PipelineConfig.to_dict) as {"train.lr": 0.001, ...}."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def run_files(out_dir: Path) -> list[Path]:

@@ -213,3 +213,24 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run_and_overwrite_starts_over(c
     assert same_weights(run_dir / "final.pt", uninterrupted / "final.pt")
     assert (run_dir / "notes.txt").read_text() == "someone's notes"  # not a file of the run: kept
     one_line_error(train(config), f"{run_dir} holds a run (step 8 of 8)")
+
+
+def test_resume_refuses_settings_that_change_the_run_and_takes_those_that_do_not(cached_store, shards_dir,
+                                                                                teacher_file, uninterrupted, tmp_path):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    assert train(config, "--max-steps", "4").exit_code == 0
+    last = tmp_path / "run" / "last.pt"
+
+    changed = train(config, "--resume", "--set", "train.method=ce_only", "--set", "train.lr=0.1",
+                    "--set", "train.log_every=1")
+    message = one_line_error(changed, str(last), "train.lr 0.002 -> 0.1", "train.method 'dho' -> 'ce_only'",
+                             "--overwrite")
+    assert "log_every" not in message
+    one_line_error(train(config, "--resume", "--set", "train.steps=12"), "train.steps 8 -> 12")
+    one_line_error(train(config, "--resume", "--set", "data.num_workers=1"), "data.num_workers 0 -> 1")
+    assert load_checkpoint(last)["step"] == 4
+
+    # When logs and checkpoints are written changes nothing the run computes.
+    resumed = train(config, "--resume", "--set", "train.log_every=4", "--set", "train.checkpoint_every=3")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(tmp_path / "run" / "final.pt", uninterrupted / "final.pt")
