@@ -52,6 +52,10 @@ class RunFolderTaken(DhoError):
     """train.out_dir holds another run's checkpoints and the command neither continues (--resume) nor replaces it."""
 
 
+class NothingToResume(DhoError):
+    """--resume names a train.out_dir where no run was ever started (a typo, another config?)."""
+
+
 class ResumeMismatch(DhoError):
     """--resume with settings that would continue the run as another one than it started as."""
 
@@ -131,7 +135,9 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
         raise ValueError("resume and overwrite exclude each other")
     ctx = setup_data(cfg)
     checkpoints = Checkpoints(ctx)
-    if not resume:
+    if resume:
+        checkpoints.check_resumable()
+    else:
         checkpoints.claim_folder(overwrite)
     teacher = setup_teacher(ctx)
     student = setup_student(ctx)
@@ -235,6 +241,21 @@ class Checkpoints:
         refusal = self.ctx.runtime.broadcast(refusal)
         if refusal:
             raise RunFolderTaken(refusal)
+
+    def check_resumable(self) -> None:
+        """NothingToResume unless the folder holds last.pt or a run stopped before its first checkpoint (an empty
+        folder, or metrics.jsonl alone: kill -9 can land there), which starts again at step 0 with a warning."""
+        refusal = None
+        if self.ctx.runtime.is_main and not self.last.exists():
+            folder = self.out_dir
+            if folder.is_dir() and ((folder / "metrics.jsonl").exists() or not any(folder.iterdir())):
+                warn(f"--resume: no last.pt in {folder} yet (the run stopped before its first checkpoint): "
+                     "starting at step 0")
+            else:
+                refusal = f"--resume: no last.pt in {folder}: nothing to resume (drop --resume to start a new run)"
+        refusal = self.ctx.runtime.broadcast(refusal)
+        if refusal:
+            raise NothingToResume(refusal)
 
     def described_run(self) -> str:
         """How far the run in the folder got, e.g. 'step 40 of 42', from its last.pt (or final.pt)."""

@@ -234,3 +234,19 @@ def test_resume_refuses_settings_that_change_the_run_and_takes_those_that_do_not
     resumed = train(config, "--resume", "--set", "train.log_every=4", "--set", "train.checkpoint_every=3")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(tmp_path / "run" / "final.pt", uninterrupted / "final.pt")
+
+
+def test_resume_where_no_run_started_is_refused_and_a_run_killed_before_its_first_checkpoint_starts_over(
+        cached_store, shards_dir, teacher_file, uninterrupted, tmp_path):
+    typo = train_config(tmp_path, shards_dir, teacher_file, cached_store, out_dir=str(tmp_path / "rnu"))
+    one_line_error(train(typo, "--resume"), f"--resume: no last.pt in {tmp_path / 'rnu'}: nothing to resume (drop "
+                                            "--resume to start a new run)")
+    assert not (tmp_path / "rnu").exists()
+
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # as a kill before step 4's checkpoint leaves it
+    resumed = train(config, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "no last.pt in" in resumed.stderr and "starting at step 0" in resumed.stderr
+    assert metrics(tmp_path / "run") == metrics(uninterrupted)
