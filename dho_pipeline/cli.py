@@ -397,7 +397,15 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
 
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in train.out_dir, --overwrite replaces it: give one")
-    out = stage.run(_config(config, overrides), resume=resume, overwrite=overwrite, max_steps=max_steps)
+    try:
+        out = stage.run(_config(config, overrides), resume=resume, overwrite=overwrite, max_steps=max_steps)
+    except stage.TrainingStopped as stopped:  # Ctrl-C or SIGTERM: not a failure, but the run is not done
+        import shlex
+
+        again = ["dho", "train-student", *(["-c", str(config)] if config else []),
+                 *(arg for override in overrides for arg in ("--set", override)), "--resume"]
+        click.echo(f"{stopped}; continue with {shlex.join(again)}", err=True)
+        raise SystemExit(128 + stopped.signal_number) from None
     _echo_main(f"run: {out}")
 
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -50,6 +53,14 @@ class TrainingDiverged(DhoError):
 
 class RunFolderTaken(DhoError):
     """train.out_dir holds another run's checkpoints and the command neither continues (--resume) nor replaces it."""
+
+
+class TrainingStopped(DhoError):
+    """SIGINT or SIGTERM stopped training after a whole step, and last.pt holds that step."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 class NothingToResume(DhoError):
@@ -358,11 +369,56 @@ def setup_loaders(ctx: RunContext, teacher: Teacher | None, data: StudentData, s
         stream = StudentStream(ctx.manifest.splits[split], ctx.store_path, spec, batch_size, runtime.rank,
                                runtime.world_size, start_batch=start_step)
         return iter(DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
-                               pin_memory=runtime.device.type == "cuda", persistent_workers=False))
+                               pin_memory=runtime.device.type == "cuda", persistent_workers=False,
+                               worker_init_fn=ignore_stop_signals if StopRequest.possible(runtime) else None))
 
     labelled = loader("labelled", tc.batch_labelled)
     unlabelled = loader("unlabelled", tc.batch_unlabelled) if tc.method != "ce_only" else None
     return StepFeed(labelled, unlabelled, teacher, data, tc, runtime.device)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """In a loader worker: let Ctrl-C or a SIGTERM to the whole process group stop the main process alone, which
+    ends its step and its checkpoint before it shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class StopRequest:
+    """While training: the first SIGINT (Ctrl-C) or SIGTERM (Slurm's preemption) asks to stop after the current
+    step, with a checkpoint; a second one acts as usual.
+
+    One process only: under torchrun the ranks would have to agree on the step to stop at, so there a signal
+    still stops the run at once and --resume continues from the last periodic checkpoint.
+    """
+
+    def __init__(self, runtime: Runtime):
+        self.enabled = self.possible(runtime)
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @staticmethod
+    def possible(runtime: Runtime) -> bool:
+        """Whether this process can take the signals itself: one process, in the main thread."""
+        return runtime.world_size == 1 and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> StopRequest:
+        if self.enabled:
+            self._previous = {number: signal.signal(number, self._request)
+                              for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._restore()
+
+    def _request(self, number: int, _frame: FrameType | None) -> None:
+        self.signal_number = number
+        self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
 
 
 class StepFeed:
@@ -403,6 +459,7 @@ def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkp
     """Run `steps`: log every train.log_every, validate every epoch, write last.pt every train.checkpoint_every.
 
     A step whose loss, or whose weights at a checkpoint, are not finite stops the run with TrainingDiverged.
+    SIGINT or SIGTERM ends the step under way, writes last.pt at it and raises TrainingStopped.
     """
     tc, runtime = ctx.cfg.train, ctx.runtime
     net = DistributedDataParallel(student.model) if runtime.world_size > 1 else student.model
@@ -411,34 +468,37 @@ def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkp
     val_shards = ctx.manifest.splits.get("val", [])
     tick, seen = time.perf_counter(), 0
     previous: StepResult | None = None
-    for step in tqdm(steps, desc="train-student", initial=steps.start, total=ctx.total_steps,
-                     disable=not runtime.is_main):
-        done = step + 1
-        inputs = feed.next()
-        loss, parts = step_loss(net, inputs, tc)
-        result = StepResult(done, inputs.rows, HostCopy({"loss": loss.detach(), "finite": finite_flag([loss], runtime),
-                                                         **parts}))
-        lr = optimizer_step(student, loss, tc)
-        if previous is not None:  # read one step late, so the device never waits for the host
-            previous.values_or_raise(ctx, checkpoints)
-        previous = result
-        seen += len(inputs.images)
-        if done % tc.log_every == 0 or done == ctx.total_steps:
-            values = result.values_or_raise(ctx, checkpoints)
-            elapsed = time.perf_counter() - tick
-            metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, **values, "lr": lr,
-                           "images_per_s": seen * runtime.world_size / max(elapsed, 1e-9)})
-            tick, seen = time.perf_counter(), 0
-        if runtime.is_main and val_shards and (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps):
-            metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch,
-                           "val": validate(student.model, val_shards, student.data, runtime.device, ctx.cfg)})
-        if done % tc.checkpoint_every == 0 or done == steps.stop:
-            result.values_or_raise(ctx, checkpoints)
-            weights = [t for t in student.model.state_dict().values() if t.is_floating_point()]
-            if not bool(finite_flag(weights, runtime)):
-                raise diverged(ctx, checkpoints, done, inputs.rows, "the weights are not finite after it")
-            checkpoints.save(student, done)
-
+    with StopRequest(runtime) as stop:
+        for step in tqdm(steps, desc="train-student", initial=steps.start, total=ctx.total_steps,
+                         disable=not runtime.is_main):
+            done = step + 1
+            inputs = feed.next()
+            loss, parts = step_loss(net, inputs, tc)
+            result = StepResult(done, inputs.rows, HostCopy({"loss": loss.detach(),
+                                                             "finite": finite_flag([loss], runtime), **parts}))
+            lr = optimizer_step(student, loss, tc)
+            if previous is not None:  # read one step late, so the device never waits for the host
+                previous.values_or_raise(ctx, checkpoints)
+            previous = result
+            seen += len(inputs.images)
+            if done % tc.log_every == 0 or done == ctx.total_steps:
+                values = result.values_or_raise(ctx, checkpoints)
+                elapsed = time.perf_counter() - tick
+                metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, **values, "lr": lr,
+                               "images_per_s": seen * runtime.world_size / max(elapsed, 1e-9)})
+                tick, seen = time.perf_counter(), 0
+            if runtime.is_main and val_shards and (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps):
+                metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch,
+                               "val": validate(student.model, val_shards, student.data, runtime.device, ctx.cfg)})
+            stopping = stop.signal_number is not None and done < steps.stop
+            if done % tc.checkpoint_every == 0 or done == steps.stop or stopping:
+                result.values_or_raise(ctx, checkpoints)
+                weights = [t for t in student.model.state_dict().values() if t.is_floating_point()]
+                if not bool(finite_flag(weights, runtime)):
+                    raise diverged(ctx, checkpoints, done, inputs.rows, "the weights are not finite after it")
+                checkpoints.save(student, done)
+            if stopping:
+                raise TrainingStopped(f"stopped at step {done}: last.pt kept", stop.signal_number)
 
 @dataclass
 class StepResult:

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -250,3 +255,34 @@ def test_resume_where_no_run_started_is_refused_and_a_run_killed_before_its_firs
     assert resumed.exit_code == 0, resumed.output
     assert "no last.pt in" in resumed.stderr and "starting at step 0" in resumed.stderr
     assert metrics(tmp_path / "run") == metrics(uninterrupted)
+
+
+@pytest.mark.parametrize(("stop_signal", "workers"), [(signal.SIGINT, 0), (signal.SIGTERM, 1)])
+def test_a_signal_stops_training_after_a_step_with_its_checkpoint_and_the_resumed_run_matches(
+        stop_signal, workers, cached_store, shards_dir, teacher_file, tmp_path):
+    settings = {"steps": 24, "log_every": 1, "checkpoint_every": 100}
+    reference = train_config(tmp_path, shards_dir, teacher_file, cached_store, "reference", **settings)
+    assert train(reference, "--set", f"data.num_workers={workers}").exit_code == 0
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store, **settings)
+    run_dir = tmp_path / "run"
+
+    # Ctrl-C and Slurm signal the whole process group: the loader workers too.
+    process = subprocess.Popen([sys.executable, "-m", "dho_pipeline.cli", "train-student", "-c", str(config),
+                                "--set", f"data.num_workers={workers}"],
+                               cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = run_dir / "metrics.jsonl"
+    while process.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.01)
+    os.killpg(process.pid, stop_signal)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + stop_signal, stderr
+    step = load_checkpoint(run_dir / "last.pt")["step"]
+    assert 2 <= step < 24 and not (run_dir / "final.pt").exists()
+    assert stderr.splitlines()[-1] == (f"stopped at step {step}: last.pt kept; continue with dho train-student -c "
+                                       f"{config} --set data.num_workers={workers} --resume"), stderr
+
+    resumed = train(config, "--set", f"data.num_workers={workers}", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert metrics(run_dir) == metrics(tmp_path / "reference")
+    assert same_weights(run_dir / "final.pt", tmp_path / "reference" / "final.pt")
