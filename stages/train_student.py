@@ -176,6 +176,10 @@ def setup_data(cfg: PipelineConfig) -> RunContext:
     steps_per_epoch, total_steps = step_budget(cfg.train, manifest, runtime.world_size)
     if store is not None and cfg.train.method != "ce_only" and runtime.is_main:
         warn_if_views_run_out(store.num_views - 1, total_steps / steps_per_epoch)
+    if cfg.train.method == "dho" and not manifest.splits.get("val") and runtime.is_main:
+        warn(f"{manifest.root} has no val split, so final.pt keeps the default alpha {cfg.eval.default_alpha} and "
+             f"beta {cfg.eval.default_beta} (eval.default_alpha/beta) instead of searching them: make shards with "
+             "a val split (dho make-shards ... --val-per-class N) to search them")
     return RunContext(cfg, runtime, manifest, str(store.path) if store else None, steps_per_epoch, total_steps,
                       store.attrs["fingerprint_hash"] if store else None)
 

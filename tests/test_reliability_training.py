@@ -286,3 +286,19 @@ def test_a_signal_stops_training_after_a_step_with_its_checkpoint_and_the_resume
     assert resumed.exit_code == 0, resumed.output
     assert metrics(run_dir) == metrics(tmp_path / "reference")
     assert same_weights(run_dir / "final.pt", tmp_path / "reference" / "final.pt")
+
+
+def test_a_dho_run_without_a_val_split_warns_that_final_pt_keeps_the_default_alpha_and_beta(shards_dir, teacher_file,
+                                                                                          tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(shards_dir, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["splits"]["val"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    config = train_config(tmp_path, shards, teacher_file, tmp_path / "no-store", steps=1)
+    result = train(config, "--set", "teacher.mode=online", "--set", "teacher.online_views=fresh")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {shards} has no val split, so final.pt keeps the default alpha 0.4 and beta 0.5 "
+            "(eval.default_alpha/beta)") in result.stderr and "--val-per-class N" in result.stderr, result.stderr
+    final = load_checkpoint(tmp_path / "run" / "final.pt")
+    assert (final["alpha"], final["beta"]) == (0.4, 0.5)
