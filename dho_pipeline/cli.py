@@ -406,7 +406,8 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
                  *(arg for override in overrides for arg in ("--set", override)), "--resume"]
         click.echo(f"{stopped}; continue with {shlex.join(again)}", err=True)
         raise SystemExit(128 + stopped.signal_number) from None
-    _echo_main(f"run: {out}")
+    if os.environ.get("RANK", "0") == "0":  # rank 0 alone reads final.pt
+        click.echo(f"run: {out}{stage.final_summary(out)}")
 
 
 @main.command("evaluate")

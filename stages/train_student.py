@@ -567,19 +567,36 @@ def diverged(ctx: RunContext, checkpoints: Checkpoints, step: int, rows: torch.T
 
 
 def save_final(ctx: RunContext, student: Student, checkpoints: Checkpoints) -> None:
-    """final.pt with alpha and beta: searched on val for DHO, the CE head alone (1, 1) for one-head methods."""
+    """final.pt with alpha and beta (searched on val for DHO, the CE head alone (1, 1) for one-head methods) and
+    val_top1, the val top-1 of what it deploys (None without val)."""
     cfg, tc = ctx.cfg, ctx.cfg.train
-    alpha, beta = cfg.eval.default_alpha, cfg.eval.default_beta
+    alpha, beta = (cfg.eval.default_alpha, cfg.eval.default_beta) if tc.method == "dho" else (1.0, 1.0)
+    val_top1 = None
     val_shards = ctx.manifest.splits.get("val", [])
-    if ctx.runtime.is_main and val_shards and tc.method == "dho":
+    if ctx.runtime.is_main and val_shards:
         batches = clean_batches(val_shards, student.data.image_size, cfg.eval.batch_size,
                                 skip_bad=cfg.data.on_bad_image == "skip")
         out = head_outputs(student.model, batches, student.data, ctx.runtime.device)
-        alpha, beta, _ = search_alpha_beta(out, cfg.eval.alpha_grid, cfg.eval.beta_grid)
-    if tc.method != "dho":
-        alpha, beta = 1.0, 1.0  # one trained head: the CE head
+        if tc.method == "dho":
+            alpha, beta, val_top1 = search_alpha_beta(out, cfg.eval.alpha_grid, cfg.eval.beta_grid)
+        else:
+            val_top1 = accuracy(out.ce, out.labels)
     checkpoints.save(student, ctx.total_steps, checkpoints.out_dir / "final.pt", alpha=alpha, beta=beta,
-                     method=tc.method)
+                     method=tc.method, val_top1=val_top1)
+
+
+def final_summary(out_dir: Path) -> str:
+    """What a finished run deploys, for its last line: its val top-1 with alpha and beta; '' before final.pt."""
+    final = out_dir / "final.pt"
+    if not final.is_file():
+        return ""
+    state = load_checkpoint(final)
+    alpha, beta, val_top1 = state["alpha"], state["beta"], state.get("val_top1")
+    if state["method"] != "dho":
+        return f"  (val top-1 {val_top1:.3f}, the CE head)" if val_top1 is not None else "  (no val split)"
+    if val_top1 is None:
+        return f"  (no val split: alpha {alpha}, beta {beta} by default)"
+    return f"  (val top-1 {val_top1:.3f} at alpha {alpha}, beta {beta})"
 
 
 def validate(model: torch.nn.Module, shards: list, data, device: torch.device, cfg: PipelineConfig) -> dict:

@@ -302,3 +302,20 @@ def test_a_dho_run_without_a_val_split_warns_that_final_pt_keeps_the_default_alp
             "(eval.default_alpha/beta)") in result.stderr and "--val-per-class N" in result.stderr, result.stderr
     final = load_checkpoint(tmp_path / "run" / "final.pt")
     assert (final["alpha"], final["beta"]) == (0.4, 0.5)
+
+
+@pytest.mark.parametrize(("method", "deploys"), [("dho", r"at alpha ([\d.]+), beta ([\d.]+)"),
+                                                 ("ce_only", "the CE head")])
+def test_a_finished_run_ends_with_the_val_top1_of_what_it_deploys(method, deploys, cached_store, shards_dir,
+                                                                  teacher_file, tmp_path):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=2, method=method)
+    result = train(config)
+    assert result.exit_code == 0, result.output
+    last_line = result.stdout.splitlines()[-1]
+    found = re.fullmatch(rf"run: {re.escape(str(tmp_path / 'run'))}  \(val top-1 (\d\.\d{{3}}),? {deploys}\)",
+                         last_line)
+    assert found, last_line
+    final = load_checkpoint(tmp_path / "run" / "final.pt")
+    assert float(found[1]) == pytest.approx(final["val_top1"], abs=5e-4)
+    if method == "dho":
+        assert (float(found[2]), float(found[3])) == (final["alpha"], final["beta"])
