@@ -286,7 +286,11 @@ class Checkpoints:
         """Load last.pt, when there is one, into `student` and this process's RNGs; its step, else 0."""
         if not self.last.exists():
             return 0
-        state = load_checkpoint(self.last)
+        try:
+            state = load_checkpoint(self.last)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; --resume cannot continue from a damaged last.pt: put back a copy of it, or "
+                                  "start over with --overwrite") from e
         self.refuse_other_settings(state)
         ranks, world_size = len(state["rng"]), self.ctx.runtime.world_size
         if ranks != world_size:  # the loaders split the data by rank: another world size reads another order

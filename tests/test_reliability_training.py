@@ -319,3 +319,12 @@ def test_a_finished_run_ends_with_the_val_top1_of_what_it_deploys(method, deploy
     assert float(found[1]) == pytest.approx(final["val_top1"], abs=5e-4)
     if method == "dho":
         assert (float(found[2]), float(found[3])) == (final["alpha"], final["beta"])
+
+
+def test_resume_from_a_truncated_last_pt_says_what_to_do(cached_store, shards_dir, teacher_file, tmp_path):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    assert train(config, "--max-steps", "4").exit_code == 0
+    last = tmp_path / "run" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    one_line_error(train(config, "--resume"), f"{last}: not a readable checkpoint", "put back a copy of it",
+                   "start over with --overwrite")
