@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,9 +46,14 @@ def _config(config: Path | None, overrides: tuple[str, ...]) -> PipelineConfig:
         raise click.UsageError(f"{config or 'config'}: {e}") from None
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun, or a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _echo_main(message: str) -> None:
     """Print once under torchrun: from rank 0 only."""
-    if os.environ.get("RANK", "0") == "0":
+    if _is_main_process():
         click.echo(message)
 
 
@@ -400,13 +406,11 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
     try:
         out = stage.run(_config(config, overrides), resume=resume, overwrite=overwrite, max_steps=max_steps)
     except stage.TrainingStopped as stopped:  # Ctrl-C or SIGTERM: not a failure, but the run is not done
-        import shlex
-
         again = ["dho", "train-student", *(["-c", str(config)] if config else []),
                  *(arg for override in overrides for arg in ("--set", override)), "--resume"]
         click.echo(f"{stopped}; continue with {shlex.join(again)}", err=True)
         raise SystemExit(128 + stopped.signal_number) from None
-    if os.environ.get("RANK", "0") == "0":  # rank 0 alone reads final.pt
+    if _is_main_process():  # rank 0 alone reads final.pt
         click.echo(f"run: {out}{stage.final_summary(out)}")
 
 

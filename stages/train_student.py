@@ -508,6 +508,7 @@ def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkp
             if stopping:
                 raise TrainingStopped(f"stopped at step {done}: last.pt kept", stop.signal_number)
 
+
 @dataclass
 class StepResult:
     """One step's loss, its parts and whether the loss was finite on every rank, on their way to the host."""
