@@ -280,6 +280,10 @@ def cache_inspect(store: Location, as_json: bool) -> None:
     click.echo(f"dtype        {s['dtype']}   on disk {human_bytes(s['bytes_on_disk'])}"
                f"   per view {s['bytes_per_view']:.1f} B")
     click.echo(f"done         {s['done_fraction']:.1%}   bad images skipped {s['bad_rows']}")
+    for bad in s["bad_images"]:
+        click.echo(f"bad image    {bad['shard']} sample {bad['key']!r}")
+    if s["bad_images_not_listed"]:
+        click.echo(f"             and {s['bad_images_not_listed']} more")
     for name, problem in s["damaged_shards"].items():
         click.echo(f"DAMAGED      {name}: {problem}")
     if s["damaged_shards"]:

@@ -101,6 +101,11 @@ class Manifest:
                                      "the file was truncated or replaced after make-shards")
 
 
+def sample_key(row: int) -> str:
+    """The `__key__` make-shards gives the sample of global row `row`."""
+    return f"{row:09d}"
+
+
 def sha256_file(path: Location, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -195,7 +200,7 @@ def _write_splits(source: IdxSource | FileSource, splits: dict[str, list[Item]],
                         continue
                     if not bad:  # after the first bad file, only check the rest
                         row = first + i
-                        sink.write({"__key__": f"{row:09d}", ext: data, "cls": item.label, "id": row})
+                        sink.write({"__key__": sample_key(row), ext: data, "cls": item.label, "id": row})
             if not bad:
                 shards[split] = [Shard(split, out / name, first + k * shard_size,
                                        min(shard_size, len(items) - k * shard_size), *written[name])
