@@ -362,7 +362,11 @@ def cache_copy(source: Location, destination: Location) -> None:
               help="Folder or URL of stores (default: cache.root).")
 def cache_list(config: Path | None, root: Location | None) -> None:
     """The stores under cache.root (or --root, e.g. s3://bucket/cache) with teacher, classes, views, rows,
-    done fraction and size."""
+    done fraction and size.
+
+    Fast: it reads each store's done marks and lists its files, so a shard with a chunk file missing shows
+    as damaged; it does not read the chunks. `dho cache verify STORE` checks every chunk against its checksum.
+    """
     from dho_pipeline.store.report import list_stores
 
     if root is None:
@@ -375,8 +379,11 @@ def cache_list(config: Path | None, root: Location | None) -> None:
         if "error" in s:
             click.echo(f"{s['path']}  unreadable: {s['error']}")
             continue
+        damaged = len(s["damaged_shards"])
+        flag = f"  DAMAGED: {damaged} shard{'s' if damaged > 1 else ''}, run `dho cache verify {s['path']}`" \
+            if damaged else ""
         click.echo(f"{s['path']}  {s['teacher']}  classes={s['classes']} views={s['views']} rows={s['rows']} "
-                   f"done={s['done_fraction']:.0%} size={human_bytes(s['bytes_on_disk'])}")
+                   f"done={s['done_fraction']:.0%} size={human_bytes(s['bytes_on_disk'])}{flag}")
 
 
 @main.command("train-student")

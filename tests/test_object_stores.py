@@ -109,6 +109,10 @@ def test_stage_one_writes_an_s3_store_equal_to_the_local_one(bucket, shards_dir,
     inspected = CliRunner().invoke(main, ["cache", "inspect", str(finished.path), "--json"])
     assert inspected.exit_code == 0, inspected.output
     assert json.loads(inspected.output)["done_fraction"] == 1.0
+    lost = finished.path / "logits" / "c" / "0" / "0" / "0"
+    lost.fs.rm_file(lost.path)
+    listed = CliRunner().invoke(main, ["cache", "list", "--root", f"{bucket}/cache"])
+    assert "done=100%" not in listed.output and "DAMAGED: 1 shard" in listed.output, listed.output
 
 
 def test_shards_and_store_on_s3_train_the_same_student(bucket, fmnist, shards_dir, teacher_file, cached_store,

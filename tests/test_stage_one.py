@@ -195,6 +195,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(fmnist, teacher_file, tmp
     assert not again.views and "2 bad images skipped" in again.summary(), "a rerun says so too"
     report = json.loads(CliRunner().invoke(main, ["cache", "inspect", str(run.path), "--json"]).output)
     assert report["bad_rows"] == 2 and report["done_fraction"] == 1.0
+    assert TeacherStore.open(run.path).missing_chunk_files() == {}, "bad rows hold fill values: no chunk is missing"
     test_row = manifest.splits["test"][0].first_row + 1
     assert report["bad_images"] == [{"shard": "unlabelled-00000.tar", "key": f"{bad_row:09d}"},
                                     {"shard": "test-00000.tar", "key": f"{test_row:09d}"}]

@@ -105,17 +105,24 @@ def count_bad_images(path: Location) -> int:
 
 
 def list_stores(root: Location) -> list[dict]:
-    """A short summary of every store directly under `root`, from its marks (inspect/verify check the chunks)."""
+    """A short summary of every store directly under `root`, from its done marks and its list of chunk files.
+
+    A shard marked done with a chunk file missing counts as damaged, not done; a chunk present but damaged
+    is found by inspect and verify only (they read every chunk).
+    """
     found = []
     for path in stores_under(location(root)):
         try:
             store = TeacherStore.open(path)
             shards = store.shards()
             rows = sum(s.count for s in shards)
-            done = sum(s.count for s in shards if store.shard_done(s))
+            marked = [s for s in shards if store.shard_done(s)]
+            damaged = store.missing_chunk_files(marked)
+            done = sum(s.count for s in marked if s not in damaged)
             found.append({"path": str(path), "teacher": teacher_name(store), "classes": store.num_classes,
                           "views": store.num_views,
                           "rows": rows, "done_fraction": done / rows if rows else 0.0,
+                          "damaged_shards": {s.name: problem for s, problem in damaged.items()},
                           "bytes_on_disk": store.bytes_on_disk()})
         except (StoreError, FileNotFoundError) as e:
             found.append({"path": str(path), "error": one_line(e).removeprefix(f"{path}: ")})
