@@ -156,6 +156,7 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
     NAME=OUT` scores it with the heads restricted to them.
     """
     from dho_pipeline.data.shards import load_manifest, write_shards
+    from dho_pipeline.errors import warn
 
     plain = {"shots": shots, "percent": percent, "val_per_class": val_per_class, "test_per_class": test_per_class,
              "max_train_per_class": max_train_per_class}
@@ -208,6 +209,10 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
     manifest = write_shards(src, splits, out, shard_size=shard_size, info={**info, "seed": seed})
     counts = ", ".join(f"{s} {manifest.split_count(s)}" for s in manifest.splits)
     click.echo(f"wrote {len(manifest.shards())} shards to {out} ({counts})")
+    if not test_only and not manifest.split_count("val"):
+        remedy = "give a split file with val entries" if split_file else "add --val-per-class N"
+        warn(f"no val split: train-student's DHO keeps the default alpha/beta (eval.default_alpha, "
+             f"eval.default_beta) instead of searching them on val, and logs no val accuracy; {remedy}")
 
 
 @main.command("cache-teacher")

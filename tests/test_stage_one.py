@@ -71,6 +71,17 @@ def test_make_shards_cli(tmp_path):
     assert again.exit_code != 0 and "manifest.json exists" in again.output
 
 
+def test_make_shards_warns_when_it_writes_no_val_split(tmp_path):
+    args = ["make-shards", "/usr/share/datasets/fashion-mnist", "--shots", "1", "--test-per-class", "1",
+            "--max-train-per-class", "2"]
+    without = CliRunner().invoke(main, [*args[:2], str(tmp_path / "a"), *args[2:]])
+    assert without.exit_code == 0, without.output
+    assert "warning: no val split: train-student's DHO keeps the default alpha/beta" in without.stderr
+    assert "add --val-per-class N" in without.stderr
+    with_val = CliRunner().invoke(main, [*args[:2], str(tmp_path / "b"), *args[2:], "--val-per-class", "1"])
+    assert with_val.exit_code == 0 and "warning" not in with_val.stderr, with_val.output
+
+
 def test_cached_logits_equal_teacher_on_replayed_view(cached_store, shards_dir, teacher_file, tmp_path):
     cfg = load_config(write_config(tmp_path / "p.yaml", shards_dir, teacher_file))
     manifest = load_manifest(shards_dir)
