@@ -166,7 +166,9 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         raise click.UsageError(f"give at most one of {', '.join(modes)}")
     if not test_only:
         _refuse_with("without --test-only, make-shards", train_shards=train_shards, class_map=class_map)
-    info: dict = {"source": str(source)}
+    # every argument, so the manifest says how its shards were made (paths as strings)
+    info = {name: str(value) if isinstance(value, (Path, UrlPath)) else value
+            for name, value in click.get_current_context().params.items()}
     if split_file:
         from dho_pipeline.data.sources import FileSource
         from dho_pipeline.data.split_files import fewshot_splits, read_split_file
@@ -177,7 +179,6 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         class_names, parts = read_split_file(split_file, source)
         src = FileSource(class_names)
         splits = fewshot_splits(parts, class_names, shots, seed, split_rule)
-        info.update(split_file=str(split_file), split_rule=split_rule, shots=shots)
     elif labelled_list:
         from dho_pipeline.data.sources import ImageFolderSource
         from dho_pipeline.data.split_files import labelled_list_splits
@@ -186,7 +187,6 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         src = ImageFolderSource(source)
         splits = labelled_list_splits(src, labelled_list, val_per_class=val_per_class,
                                       test_per_class=test_per_class, seed=seed)
-        info.update(labelled_list=str(labelled_list), val_per_class=val_per_class)
     elif test_only:
         from dho_pipeline.data.ood_sets import ood_splits
 
@@ -194,8 +194,7 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         if train_shards is None:
             raise click.UsageError("--test-only needs --train-shards DIR: the shards whose classes the set maps onto")
         src, splits, covers = ood_splits(source, load_manifest(train_shards), class_map)
-        info.update(test_only=True, train_shards=str(train_shards), class_map=class_map and str(class_map),
-                    covers=covers)
+        info["covers"] = covers
     else:
         from dho_pipeline.data.sources import open_source
         from dho_pipeline.data.splits import split_source
@@ -205,8 +204,7 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         src = open_source(source)
         splits = split_source(src, shots=shots, percent=percent, val_per_class=val_per_class,
                               test_per_class=test_per_class, max_train_per_class=max_train_per_class, seed=seed)
-        info.update(shots=shots, percent=percent, val_per_class=val_per_class)
-    manifest = write_shards(src, splits, out, shard_size=shard_size, info={**info, "seed": seed})
+    manifest = write_shards(src, splits, out, shard_size=shard_size, info=info)
     counts = ", ".join(f"{s} {manifest.split_count(s)}" for s in manifest.splits)
     click.echo(f"wrote {len(manifest.shards())} shards to {out} ({counts})")
     if not test_only and not manifest.split_count("val"):

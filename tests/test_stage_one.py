@@ -66,7 +66,13 @@ def test_make_shards_cli(tmp_path):
             "--test-per-class", "2", "--max-train-per-class", "3"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "manifest.json").read_text())["splits"]["unlabelled"]["count"] == 20
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["unlabelled"]["count"] == 20
+    assert {k: v for k, v in manifest["info"].items() if k != "class_counts"} == {
+        "source": "/usr/share/datasets/fashion-mnist", "out": str(out), "shots": 1, "percent": None,
+        "val_per_class": 1, "test_per_class": 2, "max_train_per_class": 3, "split_file": None, "split_rule": "coop",
+        "labelled_list": None, "test_only": False, "train_shards": None, "class_map": None, "shard_size": 1000,
+        "seed": 1}, "every make-shards argument"
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "manifest.json exists" in again.output
 
