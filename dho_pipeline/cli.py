@@ -162,6 +162,7 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
     NAME=OUT` scores it with the heads restricted to them.
     """
     from dho_pipeline.data.shards import load_manifest, write_shards
+    from dho_pipeline.errors import warn
 
     plain = {"shots": shots, "percent": percent, "val_per_class": val_per_class, "test_per_class": test_per_class,
              "max_train_per_class": max_train_per_class}
@@ -171,7 +172,9 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         raise click.UsageError(f"give at most one of {', '.join(modes)}")
     if not test_only:
         _refuse_with("without --test-only, make-shards", train_shards=train_shards, class_map=class_map)
-    info: dict = {"source": str(source)}
+    # every argument, so the manifest says how its shards were made (paths as strings)
+    info = {name: str(value) if isinstance(value, (Path, UrlPath)) else value
+            for name, value in click.get_current_context().params.items()}
     if split_file:
         from dho_pipeline.data.sources import FileSource
         from dho_pipeline.data.split_files import fewshot_splits, read_split_file
@@ -182,7 +185,6 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         class_names, parts = read_split_file(split_file, source)
         src = FileSource(class_names)
         splits = fewshot_splits(parts, class_names, shots, seed, split_rule)
-        info.update(split_file=str(split_file), split_rule=split_rule, shots=shots)
     elif labelled_list:
         from dho_pipeline.data.sources import ImageFolderSource
         from dho_pipeline.data.split_files import labelled_list_splits
@@ -191,7 +193,6 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         src = ImageFolderSource(source)
         splits = labelled_list_splits(src, labelled_list, val_per_class=val_per_class,
                                       test_per_class=test_per_class, seed=seed)
-        info.update(labelled_list=str(labelled_list), val_per_class=val_per_class)
     elif test_only:
         from dho_pipeline.data.ood_sets import ood_splits
 
@@ -199,8 +200,7 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         if train_shards is None:
             raise click.UsageError("--test-only needs --train-shards DIR: the shards whose classes the set maps onto")
         src, splits, covers = ood_splits(source, load_manifest(train_shards), class_map)
-        info.update(test_only=True, train_shards=str(train_shards), class_map=class_map and str(class_map),
-                    covers=covers)
+        info["covers"] = covers
     else:
         from dho_pipeline.data.sources import open_source
         from dho_pipeline.data.splits import split_source
@@ -210,10 +210,13 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         src = open_source(source)
         splits = split_source(src, shots=shots, percent=percent, val_per_class=val_per_class,
                               test_per_class=test_per_class, max_train_per_class=max_train_per_class, seed=seed)
-        info.update(shots=shots, percent=percent, val_per_class=val_per_class)
-    manifest = write_shards(src, splits, out, shard_size=shard_size, info={**info, "seed": seed})
+    manifest = write_shards(src, splits, out, shard_size=shard_size, info=info)
     counts = ", ".join(f"{s} {manifest.split_count(s)}" for s in manifest.splits)
     click.echo(f"wrote {len(manifest.shards())} shards to {out} ({counts})")
+    if not test_only and not manifest.split_count("val"):
+        remedy = "give a split file with val entries" if split_file else "add --val-per-class N"
+        warn(f"no val split: train-student's DHO keeps the default alpha/beta (eval.default_alpha, "
+             f"eval.default_beta) instead of searching them on val, and logs no val accuracy; {remedy}")
 
 
 @main.command("cache-teacher")
@@ -286,6 +289,10 @@ def cache_inspect(store: Location, as_json: bool) -> None:
     click.echo(f"dtype        {s['dtype']}   on disk {human_bytes(s['bytes_on_disk'])}"
                f"   per view {s['bytes_per_view']:.1f} B")
     click.echo(f"done         {s['done_fraction']:.1%}   bad images skipped {s['bad_rows']}")
+    for bad in s["bad_images"]:
+        click.echo(f"bad image    {bad['shard']} sample {bad['key']!r}")
+    if s["bad_images_not_listed"]:
+        click.echo(f"             and {s['bad_images_not_listed']} more")
     for name, problem in s["damaged_shards"].items():
         click.echo(f"DAMAGED      {name}: {problem}")
     if s["damaged_shards"]:
@@ -364,7 +371,11 @@ def cache_copy(source: Location, destination: Location) -> None:
               help="Folder or URL of stores (default: cache.root).")
 def cache_list(config: Path | None, root: Location | None) -> None:
     """The stores under cache.root (or --root, e.g. s3://bucket/cache) with teacher, classes, views, rows,
-    done fraction and size."""
+    done fraction and size.
+
+    Fast: it reads each store's done marks and lists its files, so a shard with a chunk file missing shows
+    as damaged; it does not read the chunks. `dho cache verify STORE` checks every chunk against its checksum.
+    """
     from dho_pipeline.store.report import list_stores
 
     if root is None:
@@ -377,8 +388,11 @@ def cache_list(config: Path | None, root: Location | None) -> None:
         if "error" in s:
             click.echo(f"{s['path']}  unreadable: {s['error']}")
             continue
+        damaged = len(s["damaged_shards"])
+        flag = f"  DAMAGED: {damaged} shard{'s' if damaged > 1 else ''}, run `dho cache verify {s['path']}`" \
+            if damaged else ""
         click.echo(f"{s['path']}  {s['teacher']}  classes={s['classes']} views={s['views']} rows={s['rows']} "
-                   f"done={s['done_fraction']:.0%} size={human_bytes(s['bytes_on_disk'])}")
+                   f"done={s['done_fraction']:.0%} size={human_bytes(s['bytes_on_disk'])}{flag}")
 
 
 @main.command("train-student")

@@ -32,6 +32,7 @@ from dho_pipeline.errors import warn
 from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
 from dho_pipeline.store.lock import Lease, rank_zero_lock
 from dho_pipeline.store.lookup import finished_store, stage_one_request, store_path, view_recipe
+from dho_pipeline.store.report import count_bad_images
 from dho_pipeline.store.zarr_store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
 from dho_pipeline.teacher.open_clip_teacher import Teacher, load_teacher
 from dho_pipeline.teacher.tip_adapter import attach_adapter
@@ -47,6 +48,7 @@ class StageOneReport:
     startup_s: float = 0.0  # from the start until the first batch's logits were back
     startup_views: int = 0  # the views of that first batch
     already_complete: bool = False
+    bad_images: int = 0  # images the store marks undecodable and skipped (data.on_bad_image: skip)
 
     @property
     def steady_views_per_s(self) -> float:
@@ -55,11 +57,16 @@ class StageOneReport:
 
     def summary(self) -> str:
         if self.already_complete:
-            return f"{self.path}: already complete and verified; nothing to compute"
-        if not self.views:
-            return f"{self.path}: no shards left to compute"
-        return (f"{self.path}: {self.views:,} views in {self.seconds:.1f} s (start-up {self.startup_s:.1f} s, then "
-                f"{self.steady_views_per_s:,.0f} views/s)")
+            done = f"{self.path}: already complete and verified; nothing to compute"
+        elif not self.views:
+            done = f"{self.path}: no shards left to compute"
+        else:
+            done = (f"{self.path}: {self.views:,} views in {self.seconds:.1f} s (start-up {self.startup_s:.1f} s, "
+                    f"then {self.steady_views_per_s:,.0f} views/s)")
+        if self.bad_images:
+            done += (f"\n{self.bad_images} bad image{'s' if self.bad_images > 1 else ''} skipped (listed by "
+                     f"`dho cache inspect {self.path}`)")
+        return done
 
 
 def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = None) -> StageOneReport:
@@ -72,7 +79,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     if not overwrite:
         finished = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
         if finished is not None:
-            return StageOneReport(finished, seconds=time.perf_counter() - started, already_complete=True)
+            return StageOneReport(finished, seconds=time.perf_counter() - started, already_complete=True,
+                                  bad_images=count_bad_images(finished) if runtime.is_main else 0)
 
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
     attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
@@ -97,6 +105,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         report.startup_s = (first_done or time.perf_counter()) - started
         runtime.barrier()
     report.seconds = time.perf_counter() - started
+    report.bad_images = count_bad_images(path) if runtime.is_main else 0
     return report
 
 

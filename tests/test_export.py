@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -123,7 +125,12 @@ def test_one_head_exports_its_own_softmax(head, fmt, dho_run, test_images, tmp_p
 
 def test_safetensors_backbone_loads_in_timm_and_holds_both_heads(dho_run, test_images, tmp_path):
     out = tmp_path / "student.safetensors"
-    description = export(dho_run / "final.pt", "safetensors", out)
+    umask = os.umask(0o022)
+    try:
+        description = export(dho_run / "final.pt", "safetensors", out)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644, "the umask's mode, as the other formats (not save_file's 0600)"
     backbone = timm.create_model(description["model"], pretrained=True, num_classes=0,
                                  pretrained_cfg_overlay=dict(file=str(out), **description["data_config"])).eval()
     student = load_student(dho_run / "final.pt", torch.device("cpu"))

@@ -28,6 +28,7 @@ from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import cache_teacher, train_student
 from stages import evaluate as evaluate_stage
 from tests.conftest import one_line_error, write_config
+from tests.test_reliability_inputs import image_folder
 from tests.test_stage_two import losses, train_config
 
 CHECKED = ("logits", "boxes", "flips", "labels", "bad", "done", "checksums")
@@ -108,6 +109,10 @@ def test_stage_one_writes_an_s3_store_equal_to_the_local_one(bucket, shards_dir,
     inspected = CliRunner().invoke(main, ["cache", "inspect", str(finished.path), "--json"])
     assert inspected.exit_code == 0, inspected.output
     assert json.loads(inspected.output)["done_fraction"] == 1.0
+    lost = finished.path / "logits" / "c" / "0" / "0" / "0"
+    lost.fs.rm_file(lost.path)
+    listed = CliRunner().invoke(main, ["cache", "list", "--root", f"{bucket}/cache"])
+    assert "done=100%" not in listed.output and "DAMAGED: 1 shard" in listed.output, listed.output
 
 
 def test_shards_and_store_on_s3_train_the_same_student(bucket, fmnist, shards_dir, teacher_file, cached_store,
@@ -129,6 +134,15 @@ def test_shards_and_store_on_s3_train_the_same_student(bucket, fmnist, shards_di
     assert losses(remote_run) == losses(local)
     final = load_checkpoint(remote_run / "final.pt")
     assert final["store"] == f"{bucket}/store.zarr" and final["shards"] == f"{bucket}/shards"
+
+
+def test_make_shards_to_s3_uploads_nothing_when_a_source_file_is_no_image(bucket, tmp_path):
+    source = image_folder(tmp_path / "src", {"bag": 6, "coat": 6})
+    (source / "train" / "coat" / "broken.png").write_text("garbage\n")
+    result = CliRunner().invoke(main, ["make-shards", str(source), f"{bucket}/shards", "--shots", "1",
+                                       "--shard-size", "2"])
+    one_line_error(result, str(source / "train" / "coat" / "broken.png"))
+    assert not UrlPath(bucket).fs.find(UrlPath(bucket).path), "the shards uploaded before the bad file are removed"
 
 
 def test_loader_workers_leave_the_parents_s3_sessions_alone(bucket, shards_dir, cached_store):

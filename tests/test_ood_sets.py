@@ -61,7 +61,8 @@ def test_a_renamed_subset_is_scored_over_its_classes(fmnist, shards_dir, cached_
     assert manifest.info["covers"] == ["t-shirt", "bag", "ankle boot"]  # in training order
     assert {s: manifest.split_count(s) for s in manifest.splits} == {"labelled": 0, "unlabelled": 0, "val": 0,
                                                                      "test": 24}
-    assert sorted(p.name for p in (tmp_path / "ood-shards").iterdir()) == ["manifest.json", "test-00000.tar"]
+    assert sorted(p.name for p in (tmp_path / "ood-shards").iterdir()) == ["manifest.json", "sources.json",
+                                                                            "test-00000.tar"]
     samples = list(iter_shard(manifest.splits["test"][0]))
     assert sorted(int(s["cls"]) for s in samples) == [0] * 8 + [8] * 8 + [9] * 8
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dho_pipeline.cli import main
+from dho_pipeline.data.samples import parse_sample
+from dho_pipeline.data.shards import ShardDataError, iter_shard, load_manifest
 from tests.conftest import one_line_error, write_config
 
 pytestmark = pytest.mark.reliability
@@ -43,6 +46,37 @@ def test_more_shots_than_a_class_has_names_the_class_not_its_index(tmp_path):
     one_line_error(result, "class 'bag'", "2 labelled images asked for, only 1 available")
     assert "class 0" not in result.output
     assert not out.exists(), "nothing may be written: no manifest, no shards"
+
+
+def test_files_that_are_not_images_are_named_and_nothing_is_written(tmp_path):
+    source = image_folder(tmp_path / "src", {"bag": 6, "coat": 6})
+    (source / "train" / "coat" / "broken.png").write_text("garbage\n")
+    png = (source / "train" / "bag" / "0.png").read_bytes()
+    (source / "train" / "bag" / "cut.png").write_bytes(png[: len(png) // 2])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["make-shards", str(source), str(out), "--shots", "1", "--shard-size", "2"])
+    one_line_error(result, "2 source files", str(source / "train" / "coat" / "broken.png"),
+                   str(source / "train" / "bag" / "cut.png"), "nothing written")
+    assert not out.exists(), "no shard may be left behind: the shards written before the bad file are removed"
+    (source / "train" / "coat" / "broken.png").unlink()
+    (source / "train" / "bag" / "cut.png").unlink()
+    result = CliRunner().invoke(main, ["make-shards", str(source), str(out), "--shots", "1", "--shard-size", "2"])
+    assert result.exit_code == 0, result.output
+
+
+def test_an_image_only_a_full_decode_finds_bad_is_named_by_its_source_file(tmp_path):
+    source = image_folder(tmp_path / "src", {"bag": 2, "coat": 2})
+    jpeg = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(jpeg, format="JPEG")
+    data = jpeg.getvalue()
+    (source / "train" / "coat" / "cut.jpg").write_bytes(data[: len(data) // 2])  # header whole, data cut
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["make-shards", str(source), str(out), "--shots", "1"]).exit_code == 0
+    manifest = load_manifest(out)
+    with pytest.raises(ShardDataError, match=r"read by make-shards from .*/src/train/coat/cut\.jpg\): cannot decode"):
+        for shard in manifest.shards():
+            for position, raw in enumerate(iter_shard(shard)):
+                parse_sample(raw, shard, position, skip_bad=False)
 
 
 def not_a_checkpoint(kind: str, folder: Path, teacher_file: Path) -> Path:

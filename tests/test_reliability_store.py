@@ -83,6 +83,16 @@ def test_a_damaged_logits_chunk_is_named_and_exactly_its_shard_recomputed(damage
     assert_same_store(store, cached_store)
 
 
+def test_cache_list_flags_a_shard_whose_chunk_file_is_missing(store_copy):
+    store, _ = store_copy
+    intact = dho("cache", "list", "--root", store.parent)
+    assert "done=100%" in intact.output and "DAMAGED" not in intact.output, intact.output
+    chunk_file(store, "logits", 5).unlink()
+    listed = dho("cache", "list", "--root", store.parent)
+    assert listed.exit_code == 0 and "done=100%" not in listed.output, listed.output
+    assert f"DAMAGED: 1 shard, run `dho cache verify {store}`" in listed.output, listed.output
+
+
 def test_evaluate_names_a_damaged_test_shard(store_copy):
     store, config = store_copy
     assert dho("train-student", "-c", config).exit_code == 0

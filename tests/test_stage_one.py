@@ -18,6 +18,7 @@ from dho_pipeline.data.shards import iter_shard, load_manifest, sha256_file, wri
 from dho_pipeline.data.splits import split_source
 from dho_pipeline.data.teacher_views import TeacherViewBatches
 from dho_pipeline.data.views import ViewRecipe, normalize, render_view, view_params
+from dho_pipeline.store import report as store_report
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch, TeacherStore
 from dho_pipeline.teacher.open_clip_teacher import load_teacher
@@ -65,9 +66,26 @@ def test_make_shards_cli(tmp_path):
             "--test-per-class", "2", "--max-train-per-class", "3"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "manifest.json").read_text())["splits"]["unlabelled"]["count"] == 20
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["unlabelled"]["count"] == 20
+    assert {k: v for k, v in manifest["info"].items() if k != "class_counts"} == {
+        "source": "/usr/share/datasets/fashion-mnist", "out": str(out), "shots": 1, "percent": None,
+        "val_per_class": 1, "test_per_class": 2, "max_train_per_class": 3, "split_file": None, "split_rule": "coop",
+        "labelled_list": None, "test_only": False, "train_shards": None, "class_map": None, "shard_size": 1000,
+        "seed": 1}, "every make-shards argument"
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "manifest.json exists" in again.output
+
+
+def test_make_shards_warns_when_it_writes_no_val_split(tmp_path):
+    args = ["make-shards", "/usr/share/datasets/fashion-mnist", "--shots", "1", "--test-per-class", "1",
+            "--max-train-per-class", "2"]
+    without = CliRunner().invoke(main, [*args[:2], str(tmp_path / "a"), *args[2:]])
+    assert without.exit_code == 0, without.output
+    assert "warning: no val split: train-student's DHO keeps the default alpha/beta" in without.stderr
+    assert "add --val-per-class N" in without.stderr
+    with_val = CliRunner().invoke(main, [*args[:2], str(tmp_path / "b"), *args[2:], "--val-per-class", "1"])
+    assert with_val.exit_code == 0 and "warning" not in with_val.stderr, with_val.output
 
 
 def test_cached_logits_equal_teacher_on_replayed_view(cached_store, shards_dir, teacher_file, tmp_path):
@@ -179,17 +197,28 @@ class CorruptOne:
         return (b"not an image", "png") if ref in self.bad_refs else self.source.read(ref)
 
 
-def test_corrupt_image_is_named_or_skipped_and_counted(fmnist, teacher_file, tmp_path):
+def test_corrupt_image_is_named_or_skipped_and_counted(fmnist, teacher_file, tmp_path, monkeypatch):
     splits = split_source(fmnist, shots=1, val_per_class=0, test_per_class=1, max_train_per_class=2, seed=3)
-    bad = splits["unlabelled"][5]
-    write_shards(CorruptOne(fmnist, bad.ref), splits, tmp_path / "shards", shard_size=8)
+    write_shards(CorruptOne(fmnist, splits["unlabelled"][5].ref, splits["test"][1].ref), splits,
+                 tmp_path / "shards", shard_size=8)
     config = write_config(tmp_path / "p.yaml", tmp_path / "shards", teacher_file)
-    bad_row = load_manifest(tmp_path / "shards").splits["unlabelled"][0].first_row + 5
+    manifest = load_manifest(tmp_path / "shards")
+    bad_row = manifest.splits["unlabelled"][0].first_row + 5
     with pytest.raises(ShardDataError, match=rf"unlabelled-00000\.tar: sample '{bad_row:09d}': cannot decode image"):
         cache_teacher.run(load_config(config))
-    path = cache_teacher.run(load_config(config, ["data.on_bad_image=skip"])).path
-    report = json.loads(CliRunner().invoke(main, ["cache", "inspect", str(path), "--json"]).output)
-    assert report["bad_rows"] == 1 and report["done_fraction"] == 1.0
+    run = cache_teacher.run(load_config(config, ["data.on_bad_image=skip"]))
+    assert f"2 bad images skipped (listed by `dho cache inspect {run.path}`)" in run.summary()
+    again = cache_teacher.run(load_config(config, ["data.on_bad_image=skip"]))
+    assert not again.views and "2 bad images skipped" in again.summary(), "a rerun says so too"
+    report = json.loads(CliRunner().invoke(main, ["cache", "inspect", str(run.path), "--json"]).output)
+    assert report["bad_rows"] == 2 and report["done_fraction"] == 1.0
+    assert TeacherStore.open(run.path).missing_chunk_files() == {}, "bad rows hold fill values: no chunk is missing"
+    test_row = manifest.splits["test"][0].first_row + 1
+    assert report["bad_images"] == [{"shard": "unlabelled-00000.tar", "key": f"{bad_row:09d}"},
+                                    {"shard": "test-00000.tar", "key": f"{test_row:09d}"}]
+    monkeypatch.setattr(store_report, "LISTED_BAD_IMAGES", 1)
+    text = CliRunner().invoke(main, ["cache", "inspect", str(run.path)]).output
+    assert f"bad image    unlabelled-00000.tar sample '{bad_row:09d}'\n             and 1 more\n" in text
 
 
 def test_skip_reaches_validation_the_final_search_and_evaluate(fmnist, teacher_file, tmp_path):

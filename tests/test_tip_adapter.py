@@ -67,7 +67,7 @@ def test_adapter_with_a_zero_is_the_zero_shot_head(fitted):
 def test_few_shot_adapter_beats_zero_shot_on_val(fitted):
     _, reports = fitted
     report = reports["tip-adapter"][1]
-    assert report["shots"] == 160
+    assert report["labelled_images"] == 160 and report["shots_per_class"] == 16 and "shots" not in report
     assert report["val_adapter"] > report["val_zero_shot"], report
 
 
@@ -134,6 +134,18 @@ def test_fit_adapter_cli_writes_a_file_cache_teacher_takes(few_shot_shards, trai
     assert out.is_file() and '"kind": "tip-adapter-f"' in result.output
     path = cache_teacher.run(load_config(config, [f"teacher.adapter.file={out}"])).path
     assert load_config(config).teacher.kind == "tip-adapter-f" and (path / "zero_shot").is_dir()
+
+
+def test_fit_adapter_warns_when_a_or_b_ends_at_the_top_of_its_grid(few_shot_shards, trained_teacher_file, tmp_path):
+    config = write_config(tmp_path / "p.yaml", few_shot_shards, trained_teacher_file,
+                          teacher={"kind": "tip-adapter", "adapter": {**ADAPTER, "search_a_max": 0.01,
+                                                                      "search_a_steps": 1}})
+    result = CliRunner().invoke(main, ["fit-adapter", "-c", str(config), "--out", str(tmp_path / "adapter.pt")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["a"] == 0.01 and report["labelled_images"] == 160 and report["shots_per_class"] == 16
+    assert "the searched a=0.01 is the top of its grid" in result.stderr
+    assert "raise teacher.adapter.search_a_max" in result.stderr and "search_b_max" not in result.stderr
 
 
 def test_an_adapter_file_that_would_run_code_is_refused_unrun(tmp_path):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dho_pipeline.data.shards import Shard, ShardDataError
+from dho_pipeline.data.shards import Shard, ShardDataError, source_file
 from dho_pipeline.data.views import decode_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
@@ -39,6 +39,8 @@ def parse_sample(raw: dict, shard: Shard, position: int, skip_bad: bool) -> Samp
     except Exception as e:
         if skip_bad:
             return Sample(row, label, None)
-        raise ShardDataError(f"{where}: cannot decode image: {e} "
+        origin = source_file(shard, position)
+        read_from = f" (read by make-shards from {origin})" if origin else ""
+        raise ShardDataError(f"{where}{read_from}: cannot decode image: {e} "
                              "(set data.on_bad_image: skip to skip and count such samples)") from None
     return Sample(row, label, image)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import math
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import webdataset as wds
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from dho_pipeline.data.sources import FileSource, IdxSource, Item
+from dho_pipeline.data.sources import BadImage, FileSource, IdxSource, Item
 from dho_pipeline.errors import DhoError
 from dho_pipeline.locations import Location, LocationError, UrlPath, location
 
@@ -28,6 +29,9 @@ SPLITS = ("labelled", "unlabelled", "val", "test")
 MEMBER_MTIME = 0
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dho-shards/1"
+SOURCES = "sources.json"  # beside the manifest, from file sources: each sample's source file, by shard
+SOURCES_FORMAT = "dho-shard-sources/1"
+MAX_NAMED = 5  # bad source files named in make-shards' error (then a count)
 
 
 class ShardDataError(DhoError, ValueError):
@@ -97,6 +101,11 @@ class Manifest:
                                      "the file was truncated or replaced after make-shards")
 
 
+def sample_key(row: int) -> str:
+    """The `__key__` make-shards gives the sample of global row `row`."""
+    return f"{row:09d}"
+
+
 def sha256_file(path: Location, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -120,6 +129,10 @@ def write_shards(
     The same splits always give the same bytes. `out` may be a URL: each shard is written to a local
     temporary folder, uploaded as soon as it is complete and deleted, and the manifest comes last (a folder
     without one is not a shard set), so the local disk holds one shard at a time.
+
+    Files that are no image (FileSource.read) are all collected, then refused in one BadImage naming them;
+    on that or any other failure the shards written so far are removed. From files, `sources.json` beside
+    the manifest names each sample's source file, so a later decode error can name it.
     """
     out = location(out)
     if (out / MANIFEST).exists():
@@ -138,8 +151,34 @@ def write_shards(
             out.fs.put_file(str(local), (out / local.name).path)
             local.unlink()
 
+    created = not out.exists()
+    names = {split: [f"{split}-{k:05d}.tar" for k in range(math.ceil(len(items) / shard_size))]
+             for split, items in splits.items()}
+    try:
+        shards = _write_splits(source, splits, names, out, shard_size, finished, written)
+    except BaseException:
+        _remove_shards(out, [name for split in names.values() for name in split], created)
+        raise
+    manifest = Manifest(out, list(source.class_names), shard_size, shards, dict(info or {}))
+    counts = {k: np.bincount([it.label for it in v], minlength=len(manifest.class_names)).tolist()
+              for k, v in splits.items()}
+    manifest.info["class_counts"] = counts
+    if isinstance(source, FileSource):
+        files = {name: [str(Path(item.ref).absolute()) for item in splits[split][k * shard_size: (k + 1) * shard_size]]
+                 for split, split_names in names.items() for k, name in enumerate(split_names)}
+        (out / SOURCES).write_text(json.dumps({"format": SOURCES_FORMAT, "shards": files}))
+    save_manifest(manifest)
+    return manifest
+
+
+def _write_splits(source: IdxSource | FileSource, splits: dict[str, list[Item]], names: dict[str, list[str]],
+                  out: Location, shard_size: int, finished: Callable[[str], None],
+                  written: dict[str, tuple[str, int]]) -> dict[str, list[Shard]]:
+    """The tar files of every split (see write_shards); raises BadImage naming every file that is no image."""
+    remote = isinstance(out, UrlPath)
     next_row = 0
     shards: dict[str, list[Shard]] = {}
+    bad: list[str] = []
     total = sum(len(v) for v in splits.values())
     with (tempfile.TemporaryDirectory(prefix="dho-shards-") if remote else contextlib.nullcontext(out)) as staging, \
             tqdm(total=total, desc="make-shards", unit="img") as bar:
@@ -153,21 +192,39 @@ def write_shards(
             with wds.ShardWriter(str(Path(staging) / f"{split}-%05d.tar"), maxcount=shard_size, verbose=0,
                                  mtime=MEMBER_MTIME, post=finished) as sink:
                 for i, item in enumerate(items):
-                    data, ext = source.read(item.ref)
-                    row = first + i
-                    sink.write({"__key__": f"{row:09d}", ext: data, "cls": item.label, "id": row})
                     bar.update()
-            names = [f"{split}-{k:05d}.tar" for k in range(math.ceil(len(items) / shard_size))]
-            shards[split] = [Shard(split, out / name, first + k * shard_size,
-                                   min(shard_size, len(items) - k * shard_size), *written[name])
-                             for k, name in enumerate(names)]
-            next_row = first + len(names) * shard_size
-    manifest = Manifest(out, list(source.class_names), shard_size, shards, dict(info or {}))
-    counts = {k: np.bincount([it.label for it in v], minlength=len(manifest.class_names)).tolist()
-              for k, v in splits.items()}
-    manifest.info["class_counts"] = counts
-    save_manifest(manifest)
-    return manifest
+                    try:
+                        data, ext = source.read(item.ref)
+                    except BadImage as e:
+                        bad.append(str(e))
+                        continue
+                    if not bad:  # after the first bad file, only check the rest
+                        row = first + i
+                        sink.write({"__key__": sample_key(row), ext: data, "cls": item.label, "id": row})
+            if not bad:
+                shards[split] = [Shard(split, out / name, first + k * shard_size,
+                                       min(shard_size, len(items) - k * shard_size), *written[name])
+                                 for k, name in enumerate(names[split])]
+            next_row = first + len(names[split]) * shard_size
+    if bad:
+        more = f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
+        raise BadImage(f"{len(bad)} source file{'s' if len(bad) > 1 else ''} PIL cannot read, nothing written: "
+                       f"{'; '.join(sorted(bad)[:MAX_NAMED])}{more}; remove or replace them and rerun")
+    return shards
+
+
+def _remove_shards(out: Location, names: list[str], created: bool) -> None:
+    """Remove the tar files a failed write_shards may have left (and `out` itself when it made it and it is empty)."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            if isinstance(out, UrlPath):
+                if (out / name).exists():
+                    out.fs.rm_file((out / name).path)
+            else:
+                (out / name).unlink(missing_ok=True)
+    if created and not isinstance(out, UrlPath):
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 def upload_shards(manifest: Manifest, out: UrlPath) -> Manifest:
@@ -224,6 +281,22 @@ def read_shard_bytes(shard: Shard) -> bytes:
         raise ShardDataError(f"{shard.path}: contents differ from the sha256 in {MANIFEST} (the file was "
                              "truncated, rewritten or replaced after make-shards); restore it or rerun make-shards")
     return data
+
+
+@functools.lru_cache(maxsize=4)
+def _source_files(folder: str) -> dict[str, list[str]]:
+    path = location(folder) / SOURCES
+    try:
+        return json.loads(path.read_text())["shards"] if path.exists() else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def source_file(shard: Shard, position: int) -> str | None:
+    """The file make-shards read sample `position` of `shard` from, when its sources.json says (only shards
+    written from files since it exists have one); None otherwise. For error messages: read on demand."""
+    files = _source_files(str(shard.path.parent)).get(shard.name, [])
+    return files[position] if 0 <= position < len(files) else None
 
 
 def iter_shard(shard: Shard) -> Iterator[dict]:

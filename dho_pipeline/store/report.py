@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from dho_pipeline.data.shards import sample_key
 from dho_pipeline.data.views import CLEAN_VIEW
 from dho_pipeline.errors import one_line
 from dho_pipeline.locations import Location, location
 from dho_pipeline.store.zarr_store import NOT_DONE, StoreError, StoreShard, TeacherStore, stores_under
 
 UNLABELLED_SAMPLE = 10_000  # unlabelled rows the teacher's accuracy is reported on (the split can be huge)
+LISTED_BAD_IMAGES = 20  # bad images `cache inspect` names by shard and key; the rest are counted
 
 
 def teacher_accuracy(store: TeacherStore, shards: list[StoreShard], limit: int | None = None
@@ -59,7 +61,8 @@ def verify(store: TeacherStore, progress: bool = False) -> dict:
 def summarize(path: Location, progress: bool = False) -> dict:
     """Size, progress, integrity, fingerprint and teacher accuracy per split of the store at `path`.
 
-    Every shard is verified; progress (`done_fraction`) and accuracies count intact shards only.
+    Every shard is verified; progress (`done_fraction`), accuracies and the bad images skipped (the first
+    LISTED_BAD_IMAGES by shard and key) count intact shards only.
     """
     store = TeacherStore.open(path)
     checks = store.check_shards(progress=progress)
@@ -70,6 +73,7 @@ def summarize(path: Location, progress: bool = False) -> dict:
     # Unlabelled labels are kept for reporting only; its first rows are a fair sample at any dataset size.
     accuracy = {split: teacher_accuracy(store, [s for s in intact if s.split == split],
                                         UNLABELLED_SAMPLE if split == "unlabelled" else None) for split in splits}
+    bad = [(s.name, s.first_row + int(i)) for s in intact for i in np.flatnonzero(store.shard_flags(s)[1])]
     return {
         "path": str(store.path),
         "rows": rows,
@@ -82,7 +86,9 @@ def summarize(path: Location, progress: bool = False) -> dict:
         "bytes_per_view": size / max(1, rows * views),
         "done_fraction": sum(s.count for s in intact) / rows if rows else 0.0,
         "damaged_shards": {s.name: problem for s, problem in checks.items() if problem not in (None, NOT_DONE)},
-        "bad_rows": int(sum(store.shard_flags(s)[1].sum() for s in intact)),
+        "bad_rows": len(bad),
+        "bad_images": [{"shard": name, "key": sample_key(row)} for name, row in bad[:LISTED_BAD_IMAGES]],
+        "bad_images_not_listed": max(0, len(bad) - LISTED_BAD_IMAGES),
         "split_rows": {split: int(sum(s.count for s in checks if s.split == split)) for split in splits},
         "teacher": teacher_name(store),
         "fingerprint": store.attrs["fingerprint_hash"],
@@ -93,18 +99,30 @@ def summarize(path: Location, progress: bool = False) -> dict:
     }
 
 
+def count_bad_images(path: Location) -> int:
+    """Images the store at `path` marks bad (undecodable, skipped): one read of its `bad` array."""
+    return int(TeacherStore.open(path).array("bad")[:].sum())
+
+
 def list_stores(root: Location) -> list[dict]:
-    """A short summary of every store directly under `root`, from its marks (inspect/verify check the chunks)."""
+    """A short summary of every store directly under `root`, from its done marks and its list of chunk files.
+
+    A shard marked done with a chunk file missing counts as damaged, not done; a chunk present but damaged
+    is found by inspect and verify only (they read every chunk).
+    """
     found = []
     for path in stores_under(location(root)):
         try:
             store = TeacherStore.open(path)
             shards = store.shards()
             rows = sum(s.count for s in shards)
-            done = sum(s.count for s in shards if store.shard_done(s))
+            marked = [s for s in shards if store.shard_done(s)]
+            damaged = store.missing_chunk_files(marked)
+            done = sum(s.count for s in marked if s not in damaged)
             found.append({"path": str(path), "teacher": teacher_name(store), "classes": store.num_classes,
                           "views": store.num_views,
                           "rows": rows, "done_fraction": done / rows if rows else 0.0,
+                          "damaged_shards": {s.name: problem for s, problem in damaged.items()},
                           "bytes_on_disk": store.bytes_on_disk()})
         except (StoreError, FileNotFoundError) as e:
             found.append({"path": str(path), "error": one_line(e).removeprefix(f"{path}: ")})

@@ -429,6 +429,31 @@ class TeacherStore:
                           unit="shard", disable=not progress, leave=False)
             return dict(zip(shards, checks, strict=True))
 
+    def missing_chunk_files(self, done: list[StoreShard] | None = None) -> dict[StoreShard, str]:
+        """Of the shards marked done (`done`, if known), those with a chunk file missing, from one listing of
+        the store's files (no chunk read).
+
+        Zarr leaves out a chunk that is all fill value, so only chunks that cannot be are expected: labels,
+        checksums and done always; the logit arrays, boxes and zero_shot unless the shard has bad images (a
+        `bad` chunk), whose rows hold fill values. A cheap check for `cache list`; `cache verify` reads them all.
+        """
+        files = {_relative(f, self.path) for f in _files(self.path)}
+        missing = {}
+        for shard in [s for s in self.shards() if self.shard_done(s)] if done is None else done:
+            key = self._chunk(shard)
+            expected = ["labels", "checksums"]
+            if self._chunk_file("bad", key) not in files:
+                expected += [name for name in self.checked if name not in ("labels", "bad", "flips")]
+            lost = next((name for name in expected if self._chunk_file(name, key) not in files), None)
+            if lost:
+                missing[shard] = f"array {lost!r}: chunk file {self._chunk_file(lost, key)} missing"
+        return missing
+
+    def _chunk_file(self, name: str, chunk: int) -> str:
+        """The path, relative to the store, of chunk `chunk` (along rows) of array `name`."""
+        array = self.array(name)
+        return f"{name}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
+
     def _chunk(self, shard: Shard | StoreShard) -> int:
         return shard.first_row // self.array("boxes").chunks[0]
 
@@ -488,6 +513,12 @@ def interrupted_creation(path: Location) -> bool:
     except ValueError:
         return False
     return "format" not in attrs
+
+
+def _relative(file: Location, folder: Location) -> str:
+    if isinstance(file, UrlPath):
+        return file.url[len(folder.url) + 1:]
+    return file.relative_to(folder).as_posix()
 
 
 def _files(path: Location) -> list[Location]:

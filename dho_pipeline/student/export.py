@@ -165,12 +165,13 @@ def _write_torchscript(student: TrainedStudent, head: str, out: Path, descriptio
 @torch.no_grad()
 def _write_safetensors(student: TrainedStudent, head: str, out: Path, description: dict) -> None:
     """The backbone under timm's names (the student's `backbone.` prefix dropped), the heads as ce_head.*, kd_head.*;
-    the description in the metadata, one string per key (JSON for all but strings)."""
-    from safetensors.torch import save_file
+    the description in the metadata, one string per key (JSON for all but strings). Written by Python, not
+    save_file (which makes a 0600 file), so it gets the umask's mode as the other formats do."""
+    from safetensors.torch import save
 
     tensors = {k.removeprefix("backbone."): v.contiguous() for k, v in student.model.state_dict().items()}
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in description.items()}
-    save_file(tensors, str(out), metadata=metadata)
+    out.write_bytes(save(tensors, metadata=metadata))
 
 
 WRITERS: dict[str, Callable[[TrainedStudent, str, Path, dict], None]] = {

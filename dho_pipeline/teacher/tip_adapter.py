@@ -23,7 +23,7 @@ from dho_pipeline.config import AdapterConfig, PipelineConfig
 from dho_pipeline.data.shards import Manifest, Shard
 from dho_pipeline.data.teacher_views import TeacherViewBatches
 from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, normalize
-from dho_pipeline.errors import CheckpointError, one_line
+from dho_pipeline.errors import CheckpointError, one_line, warn
 from dho_pipeline.locations import Location, UrlPath, location
 from dho_pipeline.runtime import Runtime
 from dho_pipeline.safe_load import safe_load
@@ -99,7 +99,10 @@ def fit_adapter(teacher: Teacher, manifest: Manifest, recipe: ViewRecipe, kind: 
     num_classes = classifier.shape[1]
     keys = F.normalize(train.mean(1), dim=-1).to(device)
     values = F.one_hot(labels, num_classes).float().to(device)
-    report = {"kind": kind, "shots": len(labels)}
+    per_class = torch.bincount(labels, minlength=num_classes)
+    report = {"kind": kind, "labelled_images": len(labels)}
+    if (per_class == per_class[0]).all():
+        report["shots_per_class"] = int(per_class[0])
     a, b = cfg.a, cfg.b
     val_accuracy = None
     if manifest.splits.get("val"):
@@ -119,7 +122,16 @@ def fit_adapter(teacher: Teacher, manifest: Manifest, recipe: ViewRecipe, kind: 
         a, b, acc = search_ab(val, val_labels, classifier, keys, values, cfg)
         report.update(val_adapter=acc, a=a, b=b)
         log(f"{kind}: val top-1 {acc:.4f} at a={a:.3f} b={b:.3f} (zero-shot {report['val_zero_shot']:.4f})")
+        warn_at_grid_top(a, b, cfg)
     return TipAdapter(kind, keys.cpu(), values.cpu(), a, b), report
+
+
+def warn_at_grid_top(a: float, b: float, cfg: AdapterConfig) -> None:
+    """Warn when the searched a or b is the largest of its grid: the best value may lie beyond it."""
+    for name, value, top in (("a", a, cfg.search_a_max), ("b", b, cfg.search_b_max)):
+        if value >= top:
+            warn(f"Tip-Adapter: the searched {name}={value:g} is the top of its grid; the best {name} may be "
+                 f"larger: raise teacher.adapter.search_{name}_max")
 
 
 def train_keys(keys: torch.Tensor, values: torch.Tensor, train: torch.Tensor, labels: torch.Tensor,
