@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -197,28 +198,69 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def _validate(cfg: PipelineConfig) -> None:
-    checks = [
-        (cfg.views.count >= 1, "views.count", "must be >= 1"),
-        (len(cfg.views.scale) == 2 and 0 < cfg.views.scale[0] <= cfg.views.scale[1] <= 1,
-         "views.scale", "must be [min, max] with 0 < min <= max <= 1"),
-        (len(cfg.views.ratio) == 2 and 0 < cfg.views.ratio[0] <= cfg.views.ratio[1],
-         "views.ratio", "must be [min, max] with 0 < min <= max"),
-        (cfg.train.temperature > 0, "train.temperature", "must be > 0"),
-        (cfg.train.batch_labelled >= 1, "train.batch_labelled", "must be >= 1"),
-        (cfg.train.batch_unlabelled >= 1, "train.batch_unlabelled", "must be >= 1"),
-        (cfg.train.steps is not None or cfg.train.epochs is not None, "train.epochs", "set epochs or steps"),
-        (cfg.teacher.batch_size >= 1, "teacher.batch_size", "must be >= 1"),
-        (cfg.cache.top_k is None or cfg.cache.top_k >= 1, "cache.top_k", "must be >= 1, or null for every logit"),
-        (cfg.teacher.adapter.augment_epochs >= 1, "teacher.adapter.augment_epochs", "must be >= 1"),
-        (cfg.teacher.adapter.search_a_steps >= 1, "teacher.adapter.search_a_steps", "must be >= 1"),
-        (cfg.teacher.adapter.search_b_steps >= 1, "teacher.adapter.search_b_steps", "must be >= 1"),
-        (0 <= cfg.eval.default_alpha <= 1, "eval.default_alpha", "must be in [0, 1]"),
-        (cfg.eval.default_beta > 0, "eval.default_beta", "must be > 0"),
+    """Refuse values no stage can use, naming the field, the value and what it takes."""
+    t, v, a, e = cfg.train, cfg.views, cfg.teacher.adapter, cfg.eval
+    checks: list[tuple[bool, str, Any, str]] = [
+        (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0 (0: load in the process)"),
+        (v.count >= 1, "views.count", v.count, "must be >= 1"),
+        (len(v.scale) == 2 and 0 < v.scale[0] <= v.scale[1] <= 1,
+         "views.scale", v.scale, "must be [min, max] with 0 < min <= max <= 1"),
+        (len(v.ratio) == 2 and 0 < v.ratio[0] <= v.ratio[1],
+         "views.ratio", v.ratio, "must be [min, max] with 0 < min <= max"),
+        (v.seed >= 0, "views.seed", v.seed, "must be >= 0"),
+        (cfg.teacher.batch_size >= 1, "teacher.batch_size", cfg.teacher.batch_size, "must be >= 1"),
+        (cfg.teacher.image_size is None or cfg.teacher.image_size >= 1, "teacher.image_size", cfg.teacher.image_size,
+         "must be >= 1, or null for the model's own"),
+        (a.augment_epochs >= 1, "teacher.adapter.augment_epochs", a.augment_epochs, "must be >= 1"),
+        (a.a > 0, "teacher.adapter.a", a.a, "must be > 0"),
+        (a.b > 0, "teacher.adapter.b", a.b, "must be > 0"),
+        (a.search_a_max > 0, "teacher.adapter.search_a_max", a.search_a_max, "must be > 0"),
+        (a.search_a_steps >= 1, "teacher.adapter.search_a_steps", a.search_a_steps, "must be >= 1"),
+        (a.search_b_max > 0, "teacher.adapter.search_b_max", a.search_b_max, "must be > 0"),
+        (a.search_b_steps >= 1, "teacher.adapter.search_b_steps", a.search_b_steps, "must be >= 1"),
+        (a.epochs >= 1, "teacher.adapter.epochs", a.epochs, "must be >= 1"),
+        (a.lr > 0, "teacher.adapter.lr", a.lr, "must be > 0"),
+        (a.eps > 0, "teacher.adapter.eps", a.eps, "must be > 0"),
+        (a.batch_size >= 1, "teacher.adapter.batch_size", a.batch_size, "must be >= 1"),
+        (cfg.cache.top_k is None or cfg.cache.top_k >= 1, "cache.top_k", cfg.cache.top_k,
+         "must be >= 1, or null for every logit"),
+        (cfg.student.image_size is None or cfg.student.image_size >= 1, "student.image_size", cfg.student.image_size,
+         "must be >= 1, or null for the model's own"),
+        (t.temperature > 0, "train.temperature", t.temperature, "must be > 0"),
+        (t.batch_labelled >= 1, "train.batch_labelled", t.batch_labelled, "must be >= 1"),
+        (t.batch_unlabelled >= 1, "train.batch_unlabelled", t.batch_unlabelled, "must be >= 1"),
+        (t.steps is not None or t.epochs is not None, "train.epochs", t.epochs, "set epochs or steps"),
+        (t.epochs is None or t.epochs > 0, "train.epochs", t.epochs, "must be > 0, or null with train.steps set"),
+        (t.steps is None or t.steps >= 1, "train.steps", t.steps, "must be >= 1, or null to count by train.epochs"),
+        (t.lr > 0, "train.lr", t.lr, "must be > 0"),
+        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0"),
+        (t.warmup >= 0, "train.warmup", t.warmup, "must be >= 0 (a fraction of the steps when < 1, else a count)"),
+        (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip, "must be > 0, or null for none"),
+        (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1"),
+        (t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1"),
+        (t.seed >= 0, "train.seed", t.seed, "must be >= 0"),
+        (DEVICE.fullmatch(t.device) is not None, "train.device", t.device, f"must be one of {DEVICES}"),
+        (0 <= e.default_alpha <= 1, "eval.default_alpha", e.default_alpha, "must be in [0, 1]"),
+        (e.default_beta > 0, "eval.default_beta", e.default_beta, "must be > 0"),
+        (bool(e.alpha_grid) and all(0 <= x <= 1 for x in e.alpha_grid), "eval.alpha_grid", e.alpha_grid,
+         "must be a non-empty list of values in [0, 1]"),
+        (bool(e.beta_grid) and all(x > 0 for x in e.beta_grid), "eval.beta_grid", e.beta_grid,
+         "must be a non-empty list of values > 0"),
+        (e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1"),
     ]
-    for ok, name, message in checks:
+    for section, c in (("teacher", cfg.teacher), ("student", cfg.student)):
+        for name in ("image_mean", "image_std"):
+            value = getattr(c, name)
+            ok = value is None or (len(value) == 3 and (name == "image_mean" or all(x > 0 for x in value)))
+            checks.append((ok, f"{section}.{name}", value, "must be 3 numbers (one a channel; std > 0), or null"))
+    for ok, name, value, requirement in checks:
         if not ok:
-            raise ConfigError(f"{name}: {message}")
+            raise ConfigError(f"{name}: {requirement}, got {value!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -47,3 +47,12 @@ def test_debug_shows_the_traceback_the_one_line_error_hides(tmp_path, monkeypatc
     for args, env in ((["--debug"], {}), ([], {"DHO_DEBUG": "1"})):
         loud = CliRunner().invoke(main, [*args, "train-student", "-c", str(config)], env=env)
         assert isinstance(loud.exception, FileNotFoundError) and "nowhere/manifest.json" in str(loud.exception)
+
+
+def test_a_run_with_no_steps_is_refused_before_it_writes_anything(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"train:\n  out_dir: {tmp_path / 'run'}\n")
+    for override, field in (("train.steps=-5", "train.steps"), ("train.epochs=0", "train.epochs")):
+        result = CliRunner().invoke(main, ["train-student", "-c", str(config), "--set", override])
+        assert result.exit_code == 2 and field in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "run").exists()

@@ -34,10 +34,44 @@ def test_example_teacher_is_the_file_the_quick_demo_writes():
     ("views.scale=[0.5]", "views.scale"),
     ("views.count=0", "views.count"),
     ("student=3", "student"),
+    ("train.lr=-1", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("train.steps=-5", "train.steps"),
+    ("train.steps=0", "train.steps"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.warmup=-0.1", "train.warmup"),
+    ("train.grad_clip=0", "train.grad_clip"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.seed=-1", "train.seed"),
+    ("train.device=gpu", "train.device"),
+    ("train.device=cuda:x", "train.device"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("views.seed=-1", "views.seed"),
+    ("views.ratio=[1.5, 0.5]", "views.ratio"),
+    ("teacher.adapter.lr=0", "teacher.adapter.lr"),
+    ("teacher.adapter.epochs=0", "teacher.adapter.epochs"),
+    ("teacher.image_std=[0.5, 0, 0.5]", "teacher.image_std"),
+    ("student.image_mean=[0.5]", "student.image_mean"),
+    ("student.image_size=0", "student.image_size"),
+    ("eval.alpha_grid=[]", "eval.alpha_grid"),
+    ("eval.beta_grid=[0, 1]", "eval.beta_grid"),
+    ("eval.batch_size=0", "eval.batch_size"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         load_config(EXAMPLE, [override])
+
+
+def test_a_range_error_quotes_the_value_and_what_is_accepted():
+    with pytest.raises(ConfigError, match=r"^train.lr: must be > 0, got -1.0$"):
+        load_config(EXAMPLE, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match=r"^train.device: must be one of auto, cpu, cuda, cuda:N or mps, got 'gpu'$"):
+        load_config(EXAMPLE, ["train.device=gpu"])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_every_device_form_is_accepted(device):
+    assert load_config(EXAMPLE, [f"train.device={device}"]).train.device == device
 
 
 def test_overrides_parse_yaml_values():
