@@ -198,8 +198,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-DEVICES = "auto, cpu, cuda, cuda:N or mps"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 def _validate(cfg: PipelineConfig) -> None:
@@ -244,7 +244,7 @@ def _validate(cfg: PipelineConfig) -> None:
         (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1"),
         (t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1"),
         (t.seed >= 0, "train.seed", t.seed, "must be >= 0"),
-        (DEVICE.fullmatch(t.device) is not None, "train.device", t.device, f"must be one of {DEVICES}"),
+        (DEVICE_PATTERN.fullmatch(t.device) is not None, "train.device", t.device, f"must be one of {DEVICE_CHOICES}"),
         (0 <= e.default_alpha <= 1, "eval.default_alpha", e.default_alpha, "must be in [0, 1]"),
         (e.default_beta > 0, "eval.default_beta", e.default_beta, "must be > 0"),
         (bool(e.alpha_grid) and all(0 <= x <= 1 for x in e.alpha_grid), "eval.alpha_grid", e.alpha_grid,

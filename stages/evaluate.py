@@ -79,7 +79,7 @@ def report(out: HeadOutputs, alpha: float, beta: float, default_alpha: float, de
 def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "auto") -> dict:
     """Search alpha/beta on val, then report every head and combination on test and the extra sets (a test-only set
     over the classes it covers)."""
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     student = load_student(checkpoint, dev)
     cfg = EvalConfig(**student.checkpoint["config"]["eval"])
     manifest = load_manifest(student.checkpoint["shards"])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from click.testing import CliRunner
 
 from dho_pipeline.cli import main
 from stages import demo
+from tests.conftest import one_line_error
 
 
 def test_help_lists_every_command():
@@ -56,3 +58,16 @@ def test_a_run_with_no_steps_is_refused_before_it_writes_anything(tmp_path):
         result = CliRunner().invoke(main, ["train-student", "-c", str(config), "--set", override])
         assert result.exit_code == 2 and field in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_device_torch_does_not_know_or_have_is_one_line_naming_where_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checkpoint = tmp_path / "final.pt"
+    checkpoint.write_bytes(b"")
+    for device, says in (("gpu", "must be one of auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+                         ("cuda", "cuda, but torch sees no GPU")):
+        one_line_error(CliRunner().invoke(main, ["evaluate", str(checkpoint), "--device", device]), f"--device: {says}")
+    config = tmp_path / "p.yaml"
+    config.write_text("train:\n  device: cuda:1\n")
+    one_line_error(CliRunner().invoke(main, ["cache-teacher", "-c", str(config)]),
+                   "train.device: cuda:1, but torch sees no GPU")
