@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dho_pipeline.config import ConfigError, PipelineConfig, load_config
+from dho_pipeline.config import ConfigError, PipelineConfig, ViewConfig, load_config
 from stages.demo import QUICK, teacher_file
 
 EXAMPLE = Path(__file__).parent.parent / "pipeline.yaml"
@@ -20,6 +20,10 @@ def test_example_sets_every_field():
     for section, values in cfg.to_dict().items():
         assert set(written[section]) == set(values), f"pipeline.yaml section {section} is incomplete"
     assert cfg.eval.alpha_grid == PipelineConfig().eval.alpha_grid
+
+
+def test_example_views_are_the_defaults_so_its_stores_match_a_minimal_config():
+    assert load_config(EXAMPLE).views == ViewConfig()
 
 
 def test_example_teacher_is_the_file_the_quick_demo_writes():
