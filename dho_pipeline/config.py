@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from dho_pipeline.errors import DhoError
-from dho_pipeline.locations import Location, UrlPath, location
+from dho_pipeline.locations import Location, UrlPath, is_url, location
 
 
 class ConfigError(DhoError, ValueError):
@@ -292,7 +292,23 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Pipeline
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {k} is not a section")
         node[keys[-1]] = value
+        if ".".join(keys) in INPUT_PATHS and isinstance(value, str):
+            _check_set_path(text, value, base_dir)
     cfg = _build(PipelineConfig, raw, "")
     cfg.base_dir = base_dir
     _validate(cfg)
     return cfg
+
+
+INPUT_PATHS = {"data.shards", "teacher.pretrained", "teacher.model_config_dir", "teacher.adapter.file", "cache.store",
+               "student.pretrained_file"}
+
+
+def _check_set_path(text: str, value: str, base_dir: Path) -> None:
+    """Refuse a --set path that is missing where it resolves (from the config's folder) but found from the current
+    directory: the user meant the latter."""
+    given = Path(value).expanduser()
+    if is_url(value) or given.is_absolute() or (base_dir / given).exists() or not given.exists():
+        return
+    raise ConfigError(f"--set {text}: paths are relative to the config's folder, so this is {base_dir / given}, which "
+                      f"is not there; for the one in the current folder give {given.absolute()}")

@@ -81,3 +81,15 @@ def test_every_device_form_is_accepted(device):
 def test_overrides_parse_yaml_values():
     cfg = load_config(EXAMPLE, ["train.lr=5e-4", "views.scale=[0.3, 1]", "train.grad_clip=null"])
     assert (cfg.train.lr, cfg.views.scale, cfg.train.grad_clip) == (5e-4, [0.3, 1.0], None)
+
+
+def test_a_set_path_found_only_from_the_current_folder_says_paths_are_relative_to_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ux" / "shards" / "again").mkdir(parents=True)
+    config = tmp_path / "ux" / "pipeline.yaml"
+    config.write_text("train:\n  lr: 0.001\n")
+    assert load_config(Path("ux/pipeline.yaml"), ["data.shards=shards/again"]).data.shards == "shards/again"
+    with pytest.raises(ConfigError, match=rf"^--set data.shards=ux/shards/again: paths are relative to the config's "
+                                          rf"folder, so this is {tmp_path}/ux/ux/shards/again, which is not there; "
+                                          rf"for the one in the current folder give {tmp_path}/ux/shards/again$"):
+        load_config(Path("ux/pipeline.yaml"), ["data.shards=ux/shards/again"])
