@@ -43,7 +43,7 @@ def _config(config: Path | None, overrides: tuple[str, ...]) -> PipelineConfig:
     try:
         return load_config(config, list(overrides))
     except ConfigError as e:
-        raise click.UsageError(f"{config or 'config'}: {e}") from None
+        raise click.UsageError(str(e)) from None
 
 
 def _echo_main(message: str) -> None:

@@ -268,35 +268,88 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr=5e-4")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: not valid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, without its marks (they name no file): 'mapping values are not allowed here'."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return "; ".join(p for p in parts if p) or str(error)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The top-level mapping of the config file; bad YAML is named by file, line and column."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def _is_section(keys: list[str]) -> bool:
+    """Whether the dotted key path names a section (a dataclass field), e.g. ['teacher', 'adapter']."""
+    hint: Any = PipelineConfig
+    for k in keys:
+        if not dataclasses.is_dataclass(hint):
+            return False
+        hint = typing.get_type_hints(hint).get(k)
+    return dataclasses.is_dataclass(hint)
+
+
+def _blame(error: ConfigError, set_by: dict[tuple[str, ...], str], source: str) -> ConfigError:
+    """`error` prefixed with where its field's value came from: the --set that set it (or a section above it), else
+    the config file (`source`, empty for the defaults)."""
+    field, _, rest = str(error).partition(": ")
+    keys = tuple(re.sub(r"\[\d+\]", "", field).split("."))
+    setters = [k for k in set_by if keys[: len(k)] == k]
+    if not setters:
+        return ConfigError(f"{source}{error}")
+    key = max(setters, key=len)
+    return ConfigError(f"--set {set_by[key]}: {rest if field == '.'.join(key) else error}")
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
-    """Read pipeline.yaml (or the defaults when `path` is None) and apply `key=value` overrides."""
+    """Read pipeline.yaml (or the defaults when `path` is None) and apply `key=value` overrides.
+
+    An error names where the bad value came from: `pipeline.yaml: train.lr: ...` or `--set train.lr=x: ...`.
+    """
     raw: dict[str, Any] = {}
     base_dir = Path.cwd()  # absolute, so paths a checkpoint records hold from any working directory
+    source = ""
     if path is not None:
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = _read_yaml(path)
         base_dir = path.parent.absolute()
+        source = f"{path}: "
+    set_by: dict[tuple[str, ...], str] = {}  # key path -> the --set that gave it its value
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {k} is not a section")
-        node[keys[-1]] = value
-        if ".".join(keys) in INPUT_PATHS and isinstance(value, str):
-            _check_set_path(text, value, base_dir)
-    cfg = _build(PipelineConfig, raw, "")
-    cfg.base_dir = base_dir
-    _validate(cfg)
+                if _is_section(keys[: i + 1]):  # the value there is wrong: the build names whoever set it
+                    break
+                raise ConfigError(f"--set {text}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        else:
+            node[keys[-1]] = value
+            set_by = {k: t for k, t in set_by.items() if k[: len(keys)] != tuple(keys)}  # values it replaced
+            set_by[tuple(keys)] = text
+            if ".".join(keys) in INPUT_PATHS and isinstance(value, str):
+                _check_set_path(text, value, base_dir)
+    try:
+        cfg = _build(PipelineConfig, raw, "")
+        cfg.base_dir = base_dir
+        _validate(cfg)
+    except ConfigError as e:
+        raise _blame(e, set_by, source) from None
     return cfg
 
 

@@ -71,3 +71,13 @@ def test_a_device_torch_does_not_know_or_have_is_one_line_naming_where_it_came_f
     config.write_text("train:\n  device: cuda:1\n")
     one_line_error(CliRunner().invoke(main, ["cache-teacher", "-c", str(config)]),
                    "train.device: cuda:1, but torch sees no GPU")
+
+
+def test_a_config_error_is_prefixed_once_by_where_the_value_came_from(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text("train:\n  lr: 1\n  out_dir: x: y\n")
+    result = CliRunner().invoke(main, ["train-student", "-c", str(config)])
+    assert f"Error: {config}, line 3, column 13: not valid YAML: mapping values are not allowed here\n" in result.output
+    config.write_text("train:\n  lr: 1\n")
+    result = CliRunner().invoke(main, ["train-student", "-c", str(config), "--set", "train.stpes=3"])
+    assert "Error: --set train.stpes=3: unknown field (known: " in result.output and str(config) not in result.output

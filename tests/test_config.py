@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,15 +62,26 @@ def test_example_teacher_is_the_file_the_quick_demo_writes():
     ("eval.beta_grid=[0, 1]", "eval.beta_grid"),
     ("eval.batch_size=0", "eval.batch_size"),
 ])
-def test_bad_values_name_the_field(override, field):
-    with pytest.raises(ConfigError, match=rf"^{field}:"):
+def test_bad_values_name_the_field(override, field, tmp_path):
+    keys, value = override.split("=", 1)
+    doc: dict = {}
+    node = doc
+    for k in keys.split(".")[:-1]:
+        node = node.setdefault(k, {})
+    node[keys.split(".")[-1]] = yaml.safe_load(value)
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: {field}:"):
+        load_config(config)
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: "):
         load_config(EXAMPLE, [override])
 
 
 def test_a_range_error_quotes_the_value_and_what_is_accepted():
-    with pytest.raises(ConfigError, match=r"^train.lr: must be > 0, got -1.0$"):
+    with pytest.raises(ConfigError, match=r"^--set train.lr=-1: must be > 0, got -1.0$"):
         load_config(EXAMPLE, ["train.lr=-1"])
-    with pytest.raises(ConfigError, match=r"^train.device: must be one of auto, cpu, cuda, cuda:N or mps, got 'gpu'$"):
+    with pytest.raises(ConfigError, match=r"^--set train.device=gpu: must be one of auto, cpu, cuda, cuda:N or mps, "
+                                          r"got 'gpu'$"):
         load_config(EXAMPLE, ["train.device=gpu"])
 
 
@@ -93,3 +105,25 @@ def test_a_set_path_found_only_from_the_current_folder_says_paths_are_relative_t
                                           rf"folder, so this is {tmp_path}/ux/ux/shards/again, which is not there; "
                                           rf"for the one in the current folder give {tmp_path}/ux/shards/again$"):
         load_config(Path("ux/pipeline.yaml"), ["data.shards=ux/shards/again"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stpes=3"], "--set train.stpes=3: unknown field (known: amp,"),
+    (["train=3", "train.out_dir=x"], "--set train=3: expected a mapping, got 3"),
+    (["data.shards=x", "data.shards.y=1"], "--set data.shards.y=1: data.shards is a value, not a section"),
+    (["train.lr=1", "train={lr: -1}"], "--set train={lr: -1}: train.lr: must be > 0, got -1.0"),
+    (["views.scale=[0.5, x]"], "--set views.scale=[0.5, x]: views.scale[1]: expected a number, got 'x'"),
+    (["train.lr=[1"], "--set train.lr=[1: not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
+])
+def test_a_bad_set_is_named_not_the_config_file(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(EXAMPLE, overrides)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_bad_yaml_is_named_by_file_and_line(tmp_path):
+    config = tmp_path / "b4.yaml"
+    config.write_text("train:\n  lr: 1\n  out_dir: x: y\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}, line 3, column 13: not valid YAML: mapping "
+                                          "values are not allowed here$"):
+        load_config(config)
