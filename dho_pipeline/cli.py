@@ -15,7 +15,8 @@ from dho_pipeline.errors import human_bytes
 from dho_pipeline.locations import Location, UrlPath, is_url
 
 CONFIG_HELP = "The experiment file (see pipeline.yaml in the repository)."
-SET_HELP = "Override one config key, e.g. --set train.lr=5e-4 (repeatable)."
+SET_HELP = ("Override one config key, e.g. --set train.lr=5e-4 (repeatable). Paths are relative to the "
+            "config file's folder, as in the file.")
 config_option = click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                              help=CONFIG_HELP)
 
@@ -43,7 +44,7 @@ def _config(config: Path | None, overrides: tuple[str, ...]) -> PipelineConfig:
     try:
         return load_config(config, list(overrides))
     except ConfigError as e:
-        raise click.UsageError(f"{config or 'config'}: {e}") from None
+        raise click.UsageError(str(e)) from None
 
 
 def _is_main_process() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from dho_pipeline.errors import DhoError
-from dho_pipeline.locations import Location, UrlPath, location
+from dho_pipeline.locations import Location, UrlPath, is_url, location
 
 
 class ConfigError(DhoError, ValueError):
@@ -197,28 +198,69 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def _validate(cfg: PipelineConfig) -> None:
-    checks = [
-        (cfg.views.count >= 1, "views.count", "must be >= 1"),
-        (len(cfg.views.scale) == 2 and 0 < cfg.views.scale[0] <= cfg.views.scale[1] <= 1,
-         "views.scale", "must be [min, max] with 0 < min <= max <= 1"),
-        (len(cfg.views.ratio) == 2 and 0 < cfg.views.ratio[0] <= cfg.views.ratio[1],
-         "views.ratio", "must be [min, max] with 0 < min <= max"),
-        (cfg.train.temperature > 0, "train.temperature", "must be > 0"),
-        (cfg.train.batch_labelled >= 1, "train.batch_labelled", "must be >= 1"),
-        (cfg.train.batch_unlabelled >= 1, "train.batch_unlabelled", "must be >= 1"),
-        (cfg.train.steps is not None or cfg.train.epochs is not None, "train.epochs", "set epochs or steps"),
-        (cfg.teacher.batch_size >= 1, "teacher.batch_size", "must be >= 1"),
-        (cfg.cache.top_k is None or cfg.cache.top_k >= 1, "cache.top_k", "must be >= 1, or null for every logit"),
-        (cfg.teacher.adapter.augment_epochs >= 1, "teacher.adapter.augment_epochs", "must be >= 1"),
-        (cfg.teacher.adapter.search_a_steps >= 1, "teacher.adapter.search_a_steps", "must be >= 1"),
-        (cfg.teacher.adapter.search_b_steps >= 1, "teacher.adapter.search_b_steps", "must be >= 1"),
-        (0 <= cfg.eval.default_alpha <= 1, "eval.default_alpha", "must be in [0, 1]"),
-        (cfg.eval.default_beta > 0, "eval.default_beta", "must be > 0"),
+    """Refuse values no stage can use, naming the field, the value and what it takes."""
+    t, v, a, e = cfg.train, cfg.views, cfg.teacher.adapter, cfg.eval
+    checks: list[tuple[bool, str, Any, str]] = [
+        (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0 (0: load in the process)"),
+        (v.count >= 1, "views.count", v.count, "must be >= 1"),
+        (len(v.scale) == 2 and 0 < v.scale[0] <= v.scale[1] <= 1,
+         "views.scale", v.scale, "must be [min, max] with 0 < min <= max <= 1"),
+        (len(v.ratio) == 2 and 0 < v.ratio[0] <= v.ratio[1],
+         "views.ratio", v.ratio, "must be [min, max] with 0 < min <= max"),
+        (v.seed >= 0, "views.seed", v.seed, "must be >= 0"),
+        (cfg.teacher.batch_size >= 1, "teacher.batch_size", cfg.teacher.batch_size, "must be >= 1"),
+        (cfg.teacher.image_size is None or cfg.teacher.image_size >= 1, "teacher.image_size", cfg.teacher.image_size,
+         "must be >= 1, or null for the model's own"),
+        (a.augment_epochs >= 1, "teacher.adapter.augment_epochs", a.augment_epochs, "must be >= 1"),
+        (a.a > 0, "teacher.adapter.a", a.a, "must be > 0"),
+        (a.b > 0, "teacher.adapter.b", a.b, "must be > 0"),
+        (a.search_a_max > 0, "teacher.adapter.search_a_max", a.search_a_max, "must be > 0"),
+        (a.search_a_steps >= 1, "teacher.adapter.search_a_steps", a.search_a_steps, "must be >= 1"),
+        (a.search_b_max > 0, "teacher.adapter.search_b_max", a.search_b_max, "must be > 0"),
+        (a.search_b_steps >= 1, "teacher.adapter.search_b_steps", a.search_b_steps, "must be >= 1"),
+        (a.epochs >= 1, "teacher.adapter.epochs", a.epochs, "must be >= 1"),
+        (a.lr > 0, "teacher.adapter.lr", a.lr, "must be > 0"),
+        (a.eps > 0, "teacher.adapter.eps", a.eps, "must be > 0"),
+        (a.batch_size >= 1, "teacher.adapter.batch_size", a.batch_size, "must be >= 1"),
+        (cfg.cache.top_k is None or cfg.cache.top_k >= 1, "cache.top_k", cfg.cache.top_k,
+         "must be >= 1, or null for every logit"),
+        (cfg.student.image_size is None or cfg.student.image_size >= 1, "student.image_size", cfg.student.image_size,
+         "must be >= 1, or null for the model's own"),
+        (t.temperature > 0, "train.temperature", t.temperature, "must be > 0"),
+        (t.batch_labelled >= 1, "train.batch_labelled", t.batch_labelled, "must be >= 1"),
+        (t.batch_unlabelled >= 1, "train.batch_unlabelled", t.batch_unlabelled, "must be >= 1"),
+        (t.steps is not None or t.epochs is not None, "train.epochs", t.epochs, "set epochs or steps"),
+        (t.epochs is None or t.epochs > 0, "train.epochs", t.epochs, "must be > 0, or null with train.steps set"),
+        (t.steps is None or t.steps >= 1, "train.steps", t.steps, "must be >= 1, or null to count by train.epochs"),
+        (t.lr > 0, "train.lr", t.lr, "must be > 0"),
+        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0"),
+        (t.warmup >= 0, "train.warmup", t.warmup, "must be >= 0 (a fraction of the steps when < 1, else a count)"),
+        (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip, "must be > 0, or null for none"),
+        (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1"),
+        (t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1"),
+        (t.seed >= 0, "train.seed", t.seed, "must be >= 0"),
+        (DEVICE_PATTERN.fullmatch(t.device) is not None, "train.device", t.device, f"must be one of {DEVICE_CHOICES}"),
+        (0 <= e.default_alpha <= 1, "eval.default_alpha", e.default_alpha, "must be in [0, 1]"),
+        (e.default_beta > 0, "eval.default_beta", e.default_beta, "must be > 0"),
+        (bool(e.alpha_grid) and all(0 <= x <= 1 for x in e.alpha_grid), "eval.alpha_grid", e.alpha_grid,
+         "must be a non-empty list of values in [0, 1]"),
+        (bool(e.beta_grid) and all(x > 0 for x in e.beta_grid), "eval.beta_grid", e.beta_grid,
+         "must be a non-empty list of values > 0"),
+        (e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1"),
     ]
-    for ok, name, message in checks:
+    for section, c in (("teacher", cfg.teacher), ("student", cfg.student)):
+        for name in ("image_mean", "image_std"):
+            value = getattr(c, name)
+            ok = value is None or (len(value) == 3 and (name == "image_mean" or all(x > 0 for x in value)))
+            checks.append((ok, f"{section}.{name}", value, "must be 3 numbers (one a channel; std > 0), or null"))
+    for ok, name, value, requirement in checks:
         if not ok:
-            raise ConfigError(f"{name}: {message}")
+            raise ConfigError(f"{name}: {requirement}, got {value!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -226,31 +268,100 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr=5e-4")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: not valid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, without its marks (they name no file): 'mapping values are not allowed here'."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return "; ".join(p for p in parts if p) or str(error)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The top-level mapping of the config file; bad YAML is named by file, line and column."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def _is_section(keys: list[str]) -> bool:
+    """Whether the dotted key path names a section (a dataclass field), e.g. ['teacher', 'adapter']."""
+    hint: Any = PipelineConfig
+    for k in keys:
+        if not dataclasses.is_dataclass(hint):
+            return False
+        hint = typing.get_type_hints(hint).get(k)
+    return dataclasses.is_dataclass(hint)
+
+
+def _blame(error: ConfigError, set_by: dict[tuple[str, ...], str], source: str) -> ConfigError:
+    """`error` prefixed with where its field's value came from: the --set that set it (or a section above it), else
+    the config file (`source`, empty for the defaults)."""
+    field, _, rest = str(error).partition(": ")
+    keys = tuple(re.sub(r"\[\d+\]", "", field).split("."))
+    setters = [k for k in set_by if keys[: len(k)] == k]
+    if not setters:
+        return ConfigError(f"{source}{error}")
+    key = max(setters, key=len)
+    return ConfigError(f"--set {set_by[key]}: {rest if field == '.'.join(key) else error}")
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
-    """Read pipeline.yaml (or the defaults when `path` is None) and apply `key=value` overrides."""
+    """Read pipeline.yaml (or the defaults when `path` is None) and apply `key=value` overrides.
+
+    An error names where the bad value came from: `pipeline.yaml: train.lr: ...` or `--set train.lr=x: ...`.
+    """
     raw: dict[str, Any] = {}
     base_dir = Path.cwd()  # absolute, so paths a checkpoint records hold from any working directory
+    source = ""
     if path is not None:
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = _read_yaml(path)
         base_dir = path.parent.absolute()
+        source = f"{path}: "
+    set_by: dict[tuple[str, ...], str] = {}  # key path -> the --set that gave it its value
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {k} is not a section")
-        node[keys[-1]] = value
-    cfg = _build(PipelineConfig, raw, "")
-    cfg.base_dir = base_dir
-    _validate(cfg)
+                if _is_section(keys[: i + 1]):  # the value there is wrong: the build names whoever set it
+                    break
+                raise ConfigError(f"--set {text}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        else:
+            node[keys[-1]] = value
+            set_by = {k: t for k, t in set_by.items() if k[: len(keys)] != tuple(keys)}  # values it replaced
+            set_by[tuple(keys)] = text
+            if ".".join(keys) in INPUT_PATHS and isinstance(value, str):
+                _check_set_path(text, value, base_dir)
+    try:
+        cfg = _build(PipelineConfig, raw, "")
+        cfg.base_dir = base_dir
+        _validate(cfg)
+    except ConfigError as e:
+        raise _blame(e, set_by, source) from None
     return cfg
+
+
+INPUT_PATHS = {"data.shards", "teacher.pretrained", "teacher.model_config_dir", "teacher.adapter.file", "cache.store",
+               "student.pretrained_file"}
+
+
+def _check_set_path(text: str, value: str, base_dir: Path) -> None:
+    """Refuse a --set path that is missing where it resolves (from the config's folder) but found from the current
+    directory: the user meant the latter."""
+    given = Path(value).expanduser()
+    if is_url(value) or given.is_absolute() or (base_dir / given).exists() or not given.exists():
+        return
+    raise ConfigError(f"--set {text}: paths are relative to the config's folder, so this is {base_dir / given}, which "
+                      f"is not there; for the one in the current folder give {given.absolute()}")

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dho_pipeline.config import DEVICE_CHOICES, DEVICE_PATTERN, ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -36,17 +38,29 @@ class Runtime:
         return box[0]
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' takes CUDA when there is one, else the CPU; anything else is passed to torch."""
+def pick_device(name: str = "auto", what: str = "device") -> torch.device:
+    """'auto' takes CUDA when there is one, else the CPU; a device torch cannot parse or does not have raises
+    ConfigError naming `what` (the config field or option that gave it)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise ConfigError(f"{what}: must be one of {DEVICE_CHOICES}, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ConfigError(f"{what}: {name}, but torch sees no GPU (use cpu or auto)")
+        if (device.index or 0) >= count:
+            raise ConfigError(f"{what}: {name}, but torch sees {count} GPU(s): cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{what}: mps, but torch sees no Apple GPU (use cpu or auto)")
+    return device
 
 
 def init_runtime(device: str = "auto") -> Runtime:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = pick_device(device)
+    dev = pick_device(device, "train.device")
     if world_size == 1:
         return Runtime(dev)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -30,8 +30,14 @@ def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Sha
     if (where / MANIFEST).is_file():
         manifest = load_manifest(where)
         if manifest.class_names != class_names:
-            raise ShardDataError(f"--shards {name}={pattern}: {manifest.root / MANIFEST} has other classes than the "
-                                 f"student ({len(manifest.class_names)} against {len(class_names)}); make the set "
+            if sorted(manifest.class_names) == sorted(class_names):
+                pairs = zip(manifest.class_names, class_names, strict=True)
+                first = next(i for i, (a, b) in enumerate(pairs) if a != b)
+                what = (f"the student's {len(class_names)} classes in another order (index {first}: "
+                        f"{manifest.class_names[first]!r}, the student's {class_names[first]!r})")
+            else:
+                what = f"other classes than the student ({len(manifest.class_names)} against {len(class_names)})"
+            raise ShardDataError(f"--shards {name}={pattern}: {manifest.root / MANIFEST} has {what}; make the set "
                                  "with --test-only --train-shards <the student's shards>")
         shards = manifest.splits.get("test", [])
         if not shards:
@@ -79,7 +85,7 @@ def report(out: HeadOutputs, alpha: float, beta: float, default_alpha: float, de
 def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "auto") -> dict:
     """Search alpha/beta on val, then report every head and combination on test and the extra sets (a test-only set
     over the classes it covers)."""
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     student = load_student(checkpoint, dev)
     cfg = EvalConfig(**student.checkpoint["config"]["eval"])
     manifest = load_manifest(student.checkpoint["shards"])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from click.testing import CliRunner
 
 from dho_pipeline.cli import main
 from stages import demo
+from tests.conftest import one_line_error
 
 
 def test_help_lists_every_command():
@@ -47,3 +49,35 @@ def test_debug_shows_the_traceback_the_one_line_error_hides(tmp_path, monkeypatc
     for args, env in ((["--debug"], {}), ([], {"DHO_DEBUG": "1"})):
         loud = CliRunner().invoke(main, [*args, "train-student", "-c", str(config)], env=env)
         assert isinstance(loud.exception, FileNotFoundError) and "nowhere/manifest.json" in str(loud.exception)
+
+
+def test_a_run_with_no_steps_is_refused_before_it_writes_anything(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"train:\n  out_dir: {tmp_path / 'run'}\n")
+    for override, field in (("train.steps=-5", "train.steps"), ("train.epochs=0", "train.epochs")):
+        result = CliRunner().invoke(main, ["train-student", "-c", str(config), "--set", override])
+        assert result.exit_code == 2 and field in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_device_torch_does_not_know_or_have_is_one_line_naming_where_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checkpoint = tmp_path / "final.pt"
+    checkpoint.write_bytes(b"")
+    for device, says in (("gpu", "must be one of auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+                         ("cuda", "cuda, but torch sees no GPU")):
+        one_line_error(CliRunner().invoke(main, ["evaluate", str(checkpoint), "--device", device]), f"--device: {says}")
+    config = tmp_path / "p.yaml"
+    config.write_text("train:\n  device: cuda:1\n")
+    one_line_error(CliRunner().invoke(main, ["cache-teacher", "-c", str(config)]),
+                   "train.device: cuda:1, but torch sees no GPU")
+
+
+def test_a_config_error_is_prefixed_once_by_where_the_value_came_from(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text("train:\n  lr: 1\n  out_dir: x: y\n")
+    result = CliRunner().invoke(main, ["train-student", "-c", str(config)])
+    assert f"Error: {config}, line 3, column 13: not valid YAML: mapping values are not allowed here\n" in result.output
+    config.write_text("train:\n  lr: 1\n")
+    result = CliRunner().invoke(main, ["train-student", "-c", str(config), "--set", "train.stpes=3"])
+    assert "Error: --set train.stpes=3: unknown field (known: " in result.output and str(config) not in result.output

@@ -4,6 +4,7 @@ from real Fashion-MNIST test images, and a student scored on them with its heads
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
-from dho_pipeline.data.shards import iter_shard, load_manifest
+from dho_pipeline.data.shards import ShardDataError, iter_shard, load_manifest
 from dho_pipeline.data.student_stream import clean_batches
 from dho_pipeline.student.evaluation import head_outputs
 from dho_pipeline.student.from_checkpoint import load_student
@@ -121,3 +122,12 @@ def test_a_folder_that_maps_onto_no_training_class_is_named(fmnist, shards_dir, 
     result = make_test_only(ood, tmp_path / "out", shards_dir, *extra)
     one_line_error(result, message.format(ood=ood, map=tmp_path / "map.txt", manifest=shards_dir / "manifest.json"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_set_with_the_students_classes_in_another_order_says_so(shards_dir):
+    names = load_manifest(shards_dir).class_names
+    order = f"has the student's 10 classes in another order (index 0: {names[0]!r}, the student's {names[-1]!r}); "
+    with pytest.raises(ShardDataError, match=re.escape(order + "make the set with --test-only")):
+        evaluate_stage.extra_set("odd", str(shards_dir), names[::-1])
+    with pytest.raises(ShardDataError, match=re.escape("has other classes than the student (10 against 9)")):
+        evaluate_stage.extra_set("odd", str(shards_dir), names[:9])

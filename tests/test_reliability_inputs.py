@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from dho_pipeline.cli import main
+from dho_pipeline.config import ConfigError, StudentConfig
 from dho_pipeline.data.samples import parse_sample
 from dho_pipeline.data.shards import ShardDataError, iter_shard, load_manifest
+from dho_pipeline.student.model import build_student
 from tests.conftest import one_line_error, write_config
 
 pytestmark = pytest.mark.reliability
@@ -105,3 +108,34 @@ def test_a_teacher_file_that_is_not_a_checkpoint_of_the_model_is_named_in_one_li
     one_line_error(result, f"teacher.pretrained: {bad} is not a checkpoint of open_clip model 'dho-tiny-clip'",
                           reason)
     assert not (tmp_path / "cache").exists(), "no store may be created for a teacher that cannot load"
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["teacher.model=ViT-Q-99"], "teacher.model: unknown open_clip model 'ViT-Q-99'"),
+    (["teacher.templates=nope"], "teacher.templates: unknown template set 'nope' (known: aircraft,"),
+    (["teacher.extra_templates=[x]"], "teacher.extra_templates: template 'x' has no '{}'"),
+    (["teacher.pretrained=openai"], "teacher.pretrained: 'openai' is no file (not at "),
+    (["teacher.model=ViT-B-32", "teacher.pretrained=openai"], "teacher.pretrained: 'openai' is a hub tag that needs "
+     "a download, which failed (OSError: Name or service not known); give a local checkpoint file"),
+], ids=["model", "templates", "extra-templates", "unknown-tag", "tag-offline"])
+def test_a_teacher_that_cannot_be_built_is_named_in_one_line(overrides, says, tmp_path, shards_dir, teacher_file,
+                                                              monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
+    config = write_config(tmp_path / "pipeline.yaml", shards_dir, teacher_file)
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    one_line_error(CliRunner().invoke(main, ["cache-teacher", "-c", str(config), *sets]), says)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("kind", "model", "says"), [
+    ("timm", "resnt18", "student.model: unknown timm model 'resnt18'; did you mean resnet18,"),
+    ("timm", "resnet9000", "student.model: unknown timm model 'resnet9000'"),
+    ("open_clip", "ViT-Q-99", "student.model: unknown open_clip model 'ViT-Q-99'"),
+])
+def test_an_unknown_student_model_is_named_with_close_matches(kind, model, says):
+    with pytest.raises(ConfigError) as error:
+        build_student(StudentConfig(kind=kind, model=model), ["a", "b"])
+    assert str(error.value).startswith(says), str(error.value)

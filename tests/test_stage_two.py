@@ -185,7 +185,15 @@ def test_a_run_that_outlasts_the_stores_views_is_warned(method, steps, warned, c
 
 def test_train_student_refuses_a_store_of_other_views(cached_store, shards_dir, teacher_file, tmp_path):
     cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store), ["views.count=5"])
-    with pytest.raises(ValueError, match=r"views\.count"):
+    with pytest.raises(ValueError, match=r"fields that differ: views\.count: store 3 vs config 5$"):
+        find_store(cfg, load_manifest(shards_dir))
+
+
+def test_no_store_under_the_root_names_the_nearest_and_how_it_differs(cached_store, shards_dir, teacher_file, tmp_path):
+    cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store),
+                      ["cache.store=null", f"cache.root={cached_store.parent}", "views.ratio=[0.75, 1.3333333]"])
+    with pytest.raises(FileNotFoundError, match=rf"the nearest, {cached_store.name}, differs in views\.ratio: store "
+                                                r"\[0\.75, 1\.3333333333333333\] vs config \[0\.75, 1\.3333333\]\)"):
         find_store(cfg, load_manifest(shards_dir))
 
 

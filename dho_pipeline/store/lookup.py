@@ -113,9 +113,20 @@ def finished_store(cfg: PipelineConfig, request: str) -> Location | None:
 
 
 def _mismatch(store: TeacherStore, expected: dict) -> list[str]:
+    """Each fingerprint field where `store` differs from what the config expects, with both values."""
     stored = dict(store.fingerprint)
     stored["teacher"] = {k: stored["teacher"].get(k) for k in expected["teacher"]}
-    return fingerprint_diff(stored, expected)
+    return [f"{name}: store {_value(stored, name)} vs config {_value(expected, name)}"
+            for name in fingerprint_diff(stored, expected)]
+
+
+def _value(fingerprint: dict, name: str, limit: int = 80) -> str:
+    """The value of dotted field `name`, shortened to `limit` characters."""
+    value: object = fingerprint
+    for key in name.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
@@ -128,7 +139,7 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
         store = TeacherStore.open(cfg.location(cfg.cache.store))
         fields = _mismatch(store, expected)
         if fields:
-            raise StoreMismatch(f"{store.path}: made with other settings; fields that differ: {', '.join(fields)}")
+            raise StoreMismatch(f"{store.path}: made with other settings; fields that differ: {'; '.join(fields)}")
         return store
     root = cfg.location(cfg.cache.root)
     candidates = []
@@ -137,11 +148,14 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
             candidates.append(TeacherStore.open(path))
         except (StoreError, FileNotFoundError) as e:
             warn(f"skipping {path}: {one_line(e).removeprefix(f'{path}: ')}")
-    matching = [s for s in candidates if not _mismatch(s, expected)]
+    differences = [(s, _mismatch(s, expected)) for s in candidates]
+    matching = [s for s, fields in differences if not fields]
     if len(matching) == 1:
         return matching[0]
     if not matching:
-        raise FileNotFoundError(f"no teacher store under {root} matches this config: "
+        nearest = min(differences, key=lambda found: len(found[1]), default=None)
+        near = "" if nearest is None else f" (the nearest, {nearest[0].path.name}, differs in {'; '.join(nearest[1])})"
+        raise FileNotFoundError(f"no teacher store under {root} matches this config{near}: "
                                 "run `dho cache-teacher` with it first (or set cache.store)")
     differ = sorted({f for other in matching[1:] for f in fingerprint_diff(matching[0].fingerprint, other.fingerprint)})
     raise StoreError(f"several stores under {root} match this config ({', '.join(s.path.name for s in matching)}; "

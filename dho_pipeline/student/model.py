@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dho_pipeline.config import StudentConfig
+from dho_pipeline.config import ConfigError, StudentConfig
 from dho_pipeline.teacher.open_clip_teacher import LOGIT_SCALE, register_model_configs
 from dho_pipeline.teacher.templates import resolve_templates
 
@@ -42,7 +43,16 @@ class DualHeadStudent(nn.Module):
         return self.ce_head(z), self.kd_head(z)
 
 
+def _unknown_model(name: str, known: list[str], library: str) -> ConfigError:
+    """The error for a model name `library` does not know, naming close matches."""
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"student.model: unknown {library} model {name!r}{hint}")
+
+
 def _timm_student(cfg: StudentConfig, num_classes: int, base: Path) -> tuple[DualHeadStudent, StudentData]:
+    if timm.models.parse_model_name(cfg.model)[0] is None and not timm.is_model(cfg.model):
+        raise _unknown_model(cfg.model, timm.list_models(), "timm")
     if cfg.pretrained_file:
         weights = base / cfg.pretrained_file
         if not weights.is_file():
@@ -61,6 +71,8 @@ def _open_clip_student(cfg: StudentConfig, class_names: list[str], templates: li
                        base: Path) -> tuple[DualHeadStudent, StudentData]:
     """The ImageNet recipe: CLIP image tower, both heads initialised from the class text embeddings."""
     register_model_configs()
+    if open_clip.get_model_config(cfg.model) is None and not cfg.model.startswith(("hf-hub:", "local-dir:")):
+        raise _unknown_model(cfg.model, open_clip.list_models(), "open_clip")
     pretrained = str(base / cfg.pretrained_file) if cfg.pretrained_file else None
     clip = open_clip.create_model(cfg.model, pretrained=pretrained)
     with torch.no_grad():

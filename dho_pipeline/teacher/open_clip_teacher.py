@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.serialization
 
-from dho_pipeline.config import TeacherConfig
+from dho_pipeline.config import ConfigError, TeacherConfig
 from dho_pipeline.data.shards import sha256_file
 from dho_pipeline.errors import CheckpointError
 from dho_pipeline.teacher.templates import resolve_templates
@@ -131,9 +131,11 @@ def load_teacher(cfg: TeacherConfig, class_names: list[str], device: torch.devic
     """
     register_model_configs(base / cfg.model_config_dir if cfg.model_config_dir else None)
     if open_clip.get_model_config(cfg.model) is None and not cfg.model.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"teacher.model: unknown open_clip model {cfg.model!r}; "
-                         "add its JSON config folder as teacher.model_config_dir")
+        raise ConfigError(f"teacher.model: unknown open_clip model {cfg.model!r}; "
+                          "add its JSON config folder as teacher.model_config_dir")
     pretrained, checkpoint_sha = resolve_pretrained(cfg.pretrained, base)
+    if pretrained is not None and checkpoint_sha is None and ":" not in cfg.model:  # a hub tag, not a file
+        _download_tag(cfg.model, pretrained, base)
     model = _create_model(cfg, pretrained, is_file=checkpoint_sha is not None, device=device)
     model.eval()
     preprocess = open_clip.get_model_preprocess_cfg(model)
@@ -163,6 +165,20 @@ def load_teacher(cfg: TeacherConfig, class_names: list[str], device: torch.devic
     }
     image_tower = model.visual.to(TEACHER_DTYPES[dtype])
     return Teacher(image_tower, classifier, size, mean, std, fingerprint, TEACHER_DTYPES[dtype])
+
+
+def _download_tag(model: str, tag: str, base: Path) -> None:
+    """Fetch the weights of hub tag `tag` into open_clip's cache, or raise ConfigError saying why that fails."""
+    tag_cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not tag_cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise ConfigError(f"teacher.pretrained: {tag!r} is no file (not at {base / tag}) and no hub tag of "
+                          f"{model} (its tags: {tags})")
+    try:
+        open_clip.download_pretrained(tag_cfg)
+    except Exception as e:
+        raise ConfigError(f"teacher.pretrained: {tag!r} is a hub tag that needs a download, which failed "
+                          f"({_first_sentence(e)}); give a local checkpoint file instead") from e
 
 
 def _create_model(cfg: TeacherConfig, pretrained: str | None, is_file: bool, device: torch.device) -> torch.nn.Module:

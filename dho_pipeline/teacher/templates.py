@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dho_pipeline.config import ConfigError
+
 TEMPLATES: dict[str, list[str]] = {
     "generic": ["a photo of a {}."],
     "imagenet": [
@@ -36,11 +38,11 @@ def resolve_templates(name: str | None, extra: list[str] | None = None) -> list[
     """The templates of registry entry `name` (if any) followed by the user's own."""
     if name is not None and name not in TEMPLATES:
         known = ", ".join(sorted(TEMPLATES))
-        raise ValueError(f"teacher.templates: unknown template set {name!r} (known: {known})")
+        raise ConfigError(f"teacher.templates: unknown template set {name!r} (known: {known})")
     templates = list(TEMPLATES.get(name, [])) + list(extra or [])
     for t in templates:
         if "{}" not in t:
-            raise ValueError(f"teacher.extra_templates: template {t!r} has no '{{}}' for the class name")
+            raise ConfigError(f"teacher.extra_templates: template {t!r} has no '{{}}' for the class name")
     if not templates:
-        raise ValueError("teacher.templates: no templates given")
+        raise ConfigError("teacher.templates: no templates given")
     return templates
