@@ -260,7 +260,7 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
     if cfg.teacher.kind == "zero-shot":
         raise click.UsageError("teacher.kind is zero-shot: set it to tip-adapter or tip-adapter-f")
     manifest = load_manifest(cfg.location(cfg.data.shards))
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, "train.device")
     teacher = load_teacher(cfg.teacher, manifest.class_names, device, cfg.base_dir)
     path = out or adapter_path(cfg, teacher.fingerprint, manifest)
     sha, report = fit_and_save(teacher, cfg, manifest, path, device, log=click.echo)

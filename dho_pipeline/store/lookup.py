@@ -22,6 +22,7 @@ from dho_pipeline.store.zarr_store import (
     TeacherStore,
     build_fingerprint,
     default_store_path,
+    described_diff,
     fingerprint_diff,
     stores_under,
 )
@@ -116,17 +117,7 @@ def _mismatch(store: TeacherStore, expected: dict) -> list[str]:
     """Each fingerprint field where `store` differs from what the config expects, with both values."""
     stored = dict(store.fingerprint)
     stored["teacher"] = {k: stored["teacher"].get(k) for k in expected["teacher"]}
-    return [f"{name}: store {_value(stored, name)} vs config {_value(expected, name)}"
-            for name in fingerprint_diff(stored, expected)]
-
-
-def _value(fingerprint: dict, name: str, limit: int = 80) -> str:
-    """The value of dotted field `name`, shortened to `limit` characters."""
-    value: object = fingerprint
-    for key in name.split("."):
-        value = value.get(key) if isinstance(value, dict) else None
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return described_diff(stored, expected)
 
 
 def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:

@@ -74,6 +74,21 @@ def fingerprint_diff(stored: dict, expected: dict, prefix: str = "") -> list[str
     return fields
 
 
+def described_diff(stored: dict, expected: dict) -> list[str]:
+    """Each differing field (fingerprint_diff) with both values: 'views.ratio: store [...] vs config [...]'."""
+    return [f"{name}: store {field_value(stored, name)} vs config {field_value(expected, name)}"
+            for name in fingerprint_diff(stored, expected)]
+
+
+def field_value(fingerprint: dict, name: str, limit: int = 80) -> str:
+    """The value of dotted field `name`, shortened to `limit` characters."""
+    value: object = fingerprint
+    for key in name.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def default_store_path(root: Location, fingerprint: dict) -> Location:
     """<root>/<teacher model>-<12 hex of the fingerprint>.zarr: same settings, same store."""
     model = str(fingerprint["teacher"]["model"]).replace("/", "_").replace(":", "_")
@@ -303,11 +318,11 @@ class TeacherStore:
         return cls.create(path, fingerprint, manifest, num_views, with_zero_shot, request, top_k)
 
     def check_fingerprint(self, expected: dict) -> None:
-        """Raise StoreMismatch naming every field where this store differs from `expected`."""
-        fields = fingerprint_diff(self.fingerprint, expected)
+        """Raise StoreMismatch naming every field where this store differs from `expected`, with both values."""
+        fields = described_diff(self.fingerprint, expected)
         if fields:
             raise StoreMismatch(
-                f"{self.path}: made with other settings; fields that differ: {', '.join(fields)}. "
+                f"{self.path}: made with other settings; fields that differ: {'; '.join(fields)}. "
                 "Use another cache.store, or rerun `dho cache-teacher --overwrite` to replace it."
             )
 

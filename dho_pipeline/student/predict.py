@@ -38,7 +38,7 @@ def clean_views(images: list[Path], size: int) -> torch.Tensor:
 def predict_files(checkpoint: Path, images: list[Path], top_k: int = 3,
                   device: str = "auto") -> dict[str, list[tuple[str, float]]]:
     """image path -> its top-k (class name, probability) pairs."""
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     student = load_student(checkpoint, dev)
     batch = clean_views(images, student.data.image_size)
     ce, kd = student.model(normalize(batch.to(dev), student.data.mean, student.data.std))
