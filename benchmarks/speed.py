@@ -206,8 +206,13 @@ def bare_forward(config: Path, class_names: list[str], device: str) -> dict:
 
 
 def flops_per_view(teacher, image: torch.Tensor) -> int:
-    """Model FLOPs of one view: nn.MultiheadAttention's fused fast path off and attention in plain matmuls, which
-    torch.utils.flop_counter counts (it misses the fused kernels)."""
+    """Model FLOPs of one view (see counted_flops)."""
+    return counted_flops(teacher, image).get_total_flops()
+
+
+def counted_flops(teacher, image: torch.Tensor) -> FlopCounterMode:
+    """The FLOP counter over one forward of `image`: nn.MultiheadAttention's fused fast path off and attention in
+    plain matmuls, which torch.utils.flop_counter counts (it misses the fused kernels)."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -215,7 +220,7 @@ def flops_per_view(teacher, image: torch.Tensor) -> int:
             teacher.logits(image)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    return counter.get_total_flops()
+    return counter
 
 
 def views_per_s(forward: Callable[[], torch.Tensor], views: int, device: str, seconds: float = 4.0) -> float:

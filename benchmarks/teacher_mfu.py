@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import PEAK_BF16_TFLOPS, flops_per_view, views_per_s  # noqa: E402
+from speed import PEAK_BF16_TFLOPS, counted_flops, flops_per_view, views_per_s  # noqa: E402
 
 from dho_pipeline.teacher.open_clip_teacher import Teacher, register_model_configs  # noqa: E402
 
@@ -190,14 +190,7 @@ def kernel_profile(teacher: Teacher, images: torch.Tensor, flops: int, device: s
 
 def matmul_share(teacher: Teacher, image: torch.Tensor) -> float:
     """Fraction of the counted FLOPs that are linear layers and the patch convolution (not attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            teacher.logits(image)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    counter = counted_flops(teacher, image)
     by_op = counter.get_flop_counts()["Global"]
     linear = sum(n for op, n in by_op.items() if str(op).split(".")[-1] in ("addmm", "mm", "convolution"))
     return linear / counter.get_total_flops()
