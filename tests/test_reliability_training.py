@@ -269,7 +269,8 @@ def test_a_signal_stops_training_after_a_step_with_its_checkpoint_and_the_resume
     # Ctrl-C and Slurm signal the whole process group: the loader workers too.
     process = subprocess.Popen([sys.executable, "-m", "dho_pipeline.cli", "train-student", "-c", str(config),
                                 "--set", f"data.num_workers={workers}"],
-                               cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               cwd=Path(__file__).parents[1],
+                               env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # as in here
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = run_dir / "metrics.jsonl"
     while process.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
