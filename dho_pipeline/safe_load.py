@@ -15,6 +15,9 @@ import numpy as np
 import torch
 
 NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# Allowed once for the process: torch.serialization.safe_globals, a context manager over one global set, would
+# drop them under a load running in another thread when it exits (loads in threads, as kill_trials.py does).
+torch.serialization.add_safe_globals(NUMPY_ARRAY_GLOBALS)
 
 
 def safe_load(file: str | IO[bytes], **kwargs: Any) -> Any:
@@ -23,8 +26,7 @@ def safe_load(file: str | IO[bytes], **kwargs: Any) -> Any:
     A file that would call anything else raises pickle.UnpicklingError naming what it would call.
     """
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
-            return torch.load(file, weights_only=True, **kwargs)
+        return torch.load(file, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         called = re.search(r"GLOBAL (\S+)", str(e))
         if called is None:

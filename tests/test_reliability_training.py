@@ -3,6 +3,7 @@ diverging loss and a file that is not an image, each reported in one line naming
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -329,3 +330,10 @@ def test_resume_from_a_truncated_last_pt_says_what_to_do(cached_store, shards_di
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     one_line_error(train(config, "--resume"), f"{last}: not a readable checkpoint", "put back a copy of it",
                    "start over with --overwrite")
+
+
+def test_checkpoints_load_in_threads_at_once(uninterrupted):
+    """The weights-only loader's numpy allowance holds while another thread loads (kill_trials.py loads in threads)."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        states = list(pool.map(lambda _: load_checkpoint(uninterrupted / "final.pt")["step"], range(64)))
+    assert states == [8] * 64
