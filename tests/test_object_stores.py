@@ -23,7 +23,7 @@ from dho_pipeline.data.shards import iter_shard, load_manifest, write_shards
 from dho_pipeline.locations import UrlPath, location
 from dho_pipeline.store import lock as store_lock
 from dho_pipeline.store.copy import copy_store
-from dho_pipeline.store.zarr_store import TeacherStore
+from dho_pipeline.store.zarr_store import TeacherStore, _relative
 from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import cache_teacher, train_student
 from stages import evaluate as evaluate_stage
@@ -313,3 +313,13 @@ def test_stage_one_stops_before_the_next_shard_once_its_lease_is_lost(shards_dir
         cache_teacher.run(load_config(config))
     store = TeacherStore.open(tmp_path / "s.zarr")
     assert sum(store.shard_done(s) for s in store.shards()) == 2
+
+
+@pytest.mark.parametrize("store", ["s3a://bucket/x.zarr", "memory://name/x.zarr"])
+def test_a_listed_chunk_is_found_in_its_store_however_the_listing_spells_the_scheme(store):
+    """cache list expects chunk files by their path in the store: s3a:// lists as s3://, memory://name as
+    memory:///name, and every chunk looked missing."""
+    folder = location(store)
+    listed = location(folder.fs.unstrip_protocol((folder / "labels" / "c" / "0").path))
+    assert listed.url != f"{store}/labels/c/0"  # the spelling the old slicing got wrong
+    assert _relative(listed, folder) == "labels/c/0"

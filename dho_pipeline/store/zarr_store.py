@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import uuid
 import zlib
@@ -449,7 +450,7 @@ class TeacherStore:
         the store's files (no chunk read).
 
         Zarr leaves out a chunk that is all fill value, so only chunks that cannot be are expected: labels,
-        checksums and done always; the logit arrays, boxes and zero_shot unless the shard has bad images (a
+        checksums always; the logit arrays, boxes and zero_shot unless the shard has bad images (a
         `bad` chunk), whose rows hold fill values. A cheap check for `cache list`; `cache verify` reads them all.
         """
         files = {_relative(f, self.path) for f in _files(self.path)}
@@ -531,8 +532,10 @@ def interrupted_creation(path: Location) -> bool:
 
 
 def _relative(file: Location, folder: Location) -> str:
+    """`file`'s path under `folder`; for URLs from the filesystem paths, since a listed file's URL may spell the
+    scheme otherwise (s3a:// lists as s3://, gcs:// as gs://)."""
     if isinstance(file, UrlPath):
-        return file.url[len(folder.url) + 1:]
+        return posixpath.relpath(file.path, folder.path)
     return file.relative_to(folder).as_posix()
 
 
