@@ -308,10 +308,11 @@ def _blame(error: ConfigError, set_by: dict[tuple[str, ...], str], source: str) 
     the config file (`source`, empty for the defaults)."""
     field, _, rest = str(error).partition(": ")
     keys = tuple(re.sub(r"\[\d+\]", "", field).split("."))
-    setters = [k for k in set_by if keys[: len(k)] == k]
-    if not setters:
+    setters = [k for k in set_by if keys[: len(k)] == k]  # the --set that set this field or a section above it
+    below = [k for k in set_by if k[: len(keys)] == keys]  # or one that reached below it: a mistyped section
+    if not setters and not below:
         return ConfigError(f"{source}{error}")
-    key = max(setters, key=len)
+    key = max(setters, key=len) if setters else min(below, key=len)
     return ConfigError(f"--set {set_by[key]}: {rest if field == '.'.join(key) else error}")
 
 

@@ -114,10 +114,13 @@ def test_a_set_path_found_only_from_the_current_folder_says_paths_are_relative_t
     (["train.lr=1", "train={lr: -1}"], "--set train={lr: -1}: train.lr: must be > 0, got -1.0"),
     (["views.scale=[0.5, x]"], "--set views.scale=[0.5, x]: views.scale[1]: expected a number, got 'x'"),
     (["train.lr=[1"], "--set train.lr=[1: not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
+    (["trian.lr=3"], "--set trian.lr=3: trian: unknown field (known: cache,"),  # a mistyped section
+    (["views.ratio.x=1"], "--set views.ratio.x=1: views.ratio"),
 ])
-def test_a_bad_set_is_named_not_the_config_file(overrides, message):
+@pytest.mark.parametrize("config", [EXAMPLE, None], ids=["file", "defaults"])
+def test_a_bad_set_is_named_not_the_config_file(config, overrides, message):
     with pytest.raises(ConfigError) as error:
-        load_config(EXAMPLE, overrides)
+        load_config(config, overrides)
     assert str(error.value).startswith(message), str(error.value)
 
 
