@@ -582,7 +582,10 @@ def save_final(ctx: RunContext, student: Student, checkpoints: Checkpoints) -> N
         batches = clean_batches(val_shards, student.data.image_size, cfg.eval.batch_size,
                                 skip_bad=cfg.data.on_bad_image == "skip")
         out = head_outputs(student.model, batches, student.data, ctx.runtime.device)
-        if tc.method == "dho":
+        if not len(out.labels):
+            warn(f"every val image of {ctx.manifest.root} was skipped as bad (data.on_bad_image: skip): final.pt "
+                 f"keeps alpha {alpha} and beta {beta} unsearched")
+        elif tc.method == "dho":
             alpha, beta, val_top1 = search_alpha_beta(out, cfg.eval.alpha_grid, cfg.eval.beta_grid)
         else:
             val_top1 = accuracy(out.ce, out.labels)

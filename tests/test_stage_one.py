@@ -21,6 +21,7 @@ from dho_pipeline.data.views import ViewRecipe, normalize, render_view, view_par
 from dho_pipeline.store import report as store_report
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import StoreMismatch, TeacherStore
+from dho_pipeline.student.checkpoint import load_checkpoint
 from dho_pipeline.teacher.open_clip_teacher import load_teacher
 from stages import cache_teacher, evaluate, train_student
 from tests.conftest import SHARD_SIZE, write_config
@@ -236,3 +237,16 @@ def test_skip_reaches_validation_the_final_search_and_evaluate(fmnist, teacher_f
     assert sum("val" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) == 1
     result = evaluate.run(run / "final.pt")
     assert result["images"] == len(splits["test"]) - 1
+
+
+def test_a_val_split_of_bad_images_alone_keeps_the_default_alpha_and_beta(fmnist, teacher_file, tmp_path, capsys):
+    splits = split_source(fmnist, shots=1, val_per_class=1, test_per_class=1, max_train_per_class=2, seed=3)
+    write_shards(CorruptOne(fmnist, *(item.ref for item in splits["val"])), splits, tmp_path / "shards", shard_size=8)
+    config = write_config(tmp_path / "p.yaml", tmp_path / "shards", teacher_file, data={"on_bad_image": "skip"},
+                          student={"model": "resnet10t", "image_size": 32},
+                          train={"steps": 2, "batch_labelled": 4, "batch_unlabelled": 4,
+                                 "out_dir": str(tmp_path / "run")})
+    cache_teacher.run(load_config(config))
+    final = load_checkpoint(train_student.run(load_config(config)) / "final.pt")
+    assert (final["alpha"], final["beta"], final["val_top1"]) == (0.4, 0.5, None)
+    assert "every val image of" in capsys.readouterr().err

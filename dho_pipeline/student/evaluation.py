@@ -35,6 +35,9 @@ def head_outputs(model: DualHeadStudent, batches: Iterable[dict], data: StudentD
         labels.append(batch["label"])
         rows.append(batch["row"])
     model.train(was_training)
+    if not labels:  # every sample skipped as bad
+        return HeadOutputs(torch.empty(0, 0), torch.empty(0, 0), torch.empty(0, dtype=torch.long),
+                           torch.empty(0, dtype=torch.long))
     return HeadOutputs(torch.cat(ce), torch.cat(kd), torch.cat(labels), torch.cat(rows))
 
 
