@@ -244,7 +244,8 @@ class Checkpoints:
 
     def claim_folder(self, overwrite: bool) -> None:
         """Make the run folder a new run's: refuse one that holds a run's checkpoints, or with `overwrite` remove
-        every file a run wrote there (other files stay). Rank 0 decides; every rank raises the same error."""
+        every file a run wrote there (other files stay). The folder is made at once, so a run killed while it sets
+        up can be resumed (at step 0). Rank 0 decides; every rank raises the same error."""
         refusal = None
         if self.ctx.runtime.is_main:
             if overwrite:
@@ -253,6 +254,8 @@ class Checkpoints:
             elif self.last.exists() or (self.out_dir / "final.pt").exists():
                 refusal = (f"{self.out_dir} holds a run ({self.described_run()}): continue it with --resume, or start "
                            "over with --overwrite, or choose another train.out_dir")
+            if refusal is None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
         refusal = self.ctx.runtime.broadcast(refusal)
         if refusal:
             raise RunFolderTaken(refusal)
@@ -263,7 +266,10 @@ class Checkpoints:
         refusal = None
         if self.ctx.runtime.is_main and not self.last.exists():
             folder = self.out_dir
-            if folder.is_dir() and ((folder / "metrics.jsonl").exists() or not any(folder.iterdir())):
+            if (folder / "final.pt").exists():
+                refusal = (f"--resume: {folder} holds a finished run (final.pt) and no last.pt: nothing to resume; "
+                           "start over with --overwrite, or choose another train.out_dir")
+            elif folder.is_dir() and ((folder / "metrics.jsonl").exists() or not any(folder.iterdir())):
                 warn(f"--resume: no last.pt in {folder} yet (the run stopped before its first checkpoint): "
                      "starting at step 0")
             else:

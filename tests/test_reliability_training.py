@@ -24,6 +24,7 @@ from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
 from dho_pipeline.student.checkpoint import load_checkpoint
+from stages import train_student
 from tests.conftest import RunsCodeOnLoad, one_line_error, resize_tmpfs, tmpfs, write_config
 
 pytestmark = pytest.mark.reliability
@@ -337,3 +338,21 @@ def test_checkpoints_load_in_threads_at_once(uninterrupted):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         states = list(pool.map(lambda _: load_checkpoint(uninterrupted / "final.pt")["step"], range(64)))
     assert states == [8] * 64
+
+
+def test_a_run_stopped_while_it_sets_up_can_be_resumed(cached_store, shards_dir, teacher_file, tmp_path, monkeypatch):
+    """A job script that always passes --resume: a first attempt killed before its first step leaves the run folder."""
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=2)
+
+    def killed(_ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_student, "setup_student", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_student.run(load_config(config))
+    assert (tmp_path / "run").is_dir()
+    monkeypatch.undo()
+    resumed = train(config, "--resume")
+    assert resumed.exit_code == 0 and "starting at step 0" in resumed.stderr, resumed.output
+    (tmp_path / "run" / "last.pt").unlink()
+    one_line_error(train(config, "--resume"), "holds a finished run (final.pt) and no last.pt: nothing to resume")
