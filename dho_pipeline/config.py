@@ -198,8 +198,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps(:0)?|(cuda|xpu)(:\d+)?")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, xpu, xpu:N or mps"
 
 
 def _validate(cfg: PipelineConfig) -> None:

@@ -85,6 +85,8 @@ RESUME_FREE = {
     "eval.batch_size", "teacher.batch_size",
     # where the inputs are; what they hold is compared instead (the shards' hashes, the store's fingerprint)
     "data.shards", "cache.root", "cache.store",
+    # the student's initial weights: a resumed run takes its weights from last.pt
+    "student.pretrained_file",
 }
 
 

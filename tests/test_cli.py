@@ -64,7 +64,7 @@ def test_a_device_torch_does_not_know_or_have_is_one_line_naming_where_it_came_f
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     checkpoint = tmp_path / "final.pt"
     checkpoint.write_bytes(b"")
-    for device, says in (("gpu", "must be one of auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    for device, says in (("gpu", "must be one of auto, cpu, cuda, cuda:N, xpu, xpu:N or mps, got 'gpu'"),
                          ("cuda", "cuda, but torch sees no GPU")):
         one_line_error(CliRunner().invoke(main, ["evaluate", str(checkpoint), "--device", device]), f"--device: {says}")
     config = tmp_path / "p.yaml"

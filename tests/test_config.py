@@ -80,8 +80,8 @@ def test_bad_values_name_the_field(override, field, tmp_path):
 def test_a_range_error_quotes_the_value_and_what_is_accepted():
     with pytest.raises(ConfigError, match=r"^--set train.lr=-1: must be > 0, got -1.0$"):
         load_config(EXAMPLE, ["train.lr=-1"])
-    with pytest.raises(ConfigError, match=r"^--set train.device=gpu: must be one of auto, cpu, cuda, cuda:N or mps, "
-                                          r"got 'gpu'$"):
+    with pytest.raises(ConfigError, match=r"^--set train.device=gpu: must be one of auto, cpu, cuda, cuda:N, xpu, "
+                                          r"xpu:N or mps, got 'gpu'$"):
         load_config(EXAMPLE, ["train.device=gpu"])
 
 

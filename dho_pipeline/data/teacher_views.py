@@ -50,10 +50,11 @@ class TeacherViewBatches(IterableDataset):
         images, pending = None, []
         for position, raw in enumerate(iter_shard(shard)):
             if images is None:
-                images = batch_buffer((per_batch, len(views), 3, self.image_size, self.image_size))
+                rows = min(per_batch, shard.count - position) if shard.count > 0 else per_batch  # a short last batch
+                images = batch_buffer((rows, len(views), 3, self.image_size, self.image_size))
             sample = parse_sample(raw, shard, position, self.skip_bad)
             pending.append(self._render(sample, views, images[len(pending)]))
-            if len(pending) == per_batch:
+            if len(pending) == len(images):
                 yield self._collate(index, pending, images)
                 images, pending = None, []
         if pending:
