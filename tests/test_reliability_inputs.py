@@ -15,6 +15,7 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import ConfigError, StudentConfig
 from dho_pipeline.data.samples import parse_sample
 from dho_pipeline.data.shards import ShardDataError, iter_shard, load_manifest
+from dho_pipeline.data.sources import BadImage, check_image
 from dho_pipeline.student.model import build_student
 from tests.conftest import one_line_error, write_config
 
@@ -139,3 +140,9 @@ def test_an_unknown_student_model_is_named_with_close_matches(kind, model, says)
     with pytest.raises(ConfigError) as error:
         build_student(StudentConfig(kind=kind, model=model), ["a", "b"])
     assert str(error.value).startswith(says), str(error.value)
+
+
+def test_an_image_past_pils_pixel_limit_is_named_as_such(fmnist, monkeypatch, tmp_path):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 28x28 image is past twice this: PIL refuses it
+    with pytest.raises(BadImage, match=r"shoe\.png: Image size \(784 pixels\) exceeds .*MAX_IMAGE_PIXELS"):
+        check_image(fmnist.read(("test", 0))[0], tmp_path / "shoe.png")

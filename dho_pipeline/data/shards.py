@@ -228,10 +228,13 @@ def _remove_shards(out: Location, names: list[str], created: bool) -> None:
 
 
 def upload_shards(manifest: Manifest, out: UrlPath) -> Manifest:
-    """Copy a local shard set to `out`, shard by shard, the manifest last; returns the manifest at `out`."""
+    """Copy a local shard set to `out`, shard by shard (with sources.json, where make-shards wrote one), the
+    manifest last; returns the manifest at `out`."""
     shards = manifest.shards()
     for shard in tqdm(shards, desc=f"upload to {out}", unit="shard", leave=False):
         out.fs.put_file(str(shard.path), (out / shard.name).path)
+    if (manifest.root / SOURCES).exists():
+        out.fs.put_file(str(manifest.root / SOURCES), (out / SOURCES).path)
     out.fs.put_file(str(manifest.root / MANIFEST), (out / MANIFEST).path)
     return load_manifest(out)
 

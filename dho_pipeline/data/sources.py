@@ -40,6 +40,8 @@ def check_image(data: bytes, path: Path) -> None:
             img.verify()
     except UnidentifiedImageError:
         raise BadImage(f"{path}: not an image in any format PIL reads (it begins {data[:16]!r})") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{path}: {e} (PIL's limit is PIL.Image.MAX_IMAGE_PIXELS)") from None
     except Exception as e:
         raise BadImage(f"{path}: damaged image ({str(e).strip() or type(e).__name__})") from None
 
