@@ -19,6 +19,11 @@ def scalars(record: dict) -> Iterator[tuple[str, float]]:
             yield f"train/{key}", value
 
 
+def require_tensorboard() -> None:
+    """MissingExtra naming train.tensorboard and the extra that installs it, unless tensorboard imports."""
+    require_extra("tensorboard", "train.tensorboard: true", "tensorboard")
+
+
 class TensorBoardLog:
     """Event files in `folder`, flushed after every record; events past the step a run resumes from are hidden.
 
@@ -27,7 +32,7 @@ class TensorBoardLog:
     """
 
     def __init__(self, folder: Path, resume_step: int):
-        require_extra("tensorboard", "train.tensorboard: true", "tensorboard")
+        require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else 0)

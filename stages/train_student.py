@@ -44,7 +44,7 @@ from dho_pipeline.student.schedule import make_scheduler
 from dho_pipeline.teacher.open_clip_teacher import Teacher, load_teacher
 from dho_pipeline.teacher.templates import resolve_templates
 from dho_pipeline.teacher.tip_adapter import attach_adapter
-from dho_pipeline.tensorboard_log import TensorBoardLog
+from dho_pipeline.tensorboard_log import TensorBoardLog, require_tensorboard
 
 
 class TrainingDiverged(DhoError):
@@ -146,6 +146,8 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
+    if cfg.train.tensorboard:
+        require_tensorboard()  # before the run folder is made
     ctx = setup_data(cfg)
     checkpoints = Checkpoints(ctx)
     if resume:
