@@ -32,7 +32,6 @@ from dho_pipeline.errors import warn
 from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
 from dho_pipeline.store.lock import Lease, rank_zero_lock
 from dho_pipeline.store.lookup import finished_store, stage_one_request, store_path, view_recipe
-from dho_pipeline.store.report import count_bad_images
 from dho_pipeline.store.zarr_store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
 from dho_pipeline.teacher.open_clip_teacher import Teacher, load_teacher
 from dho_pipeline.teacher.tip_adapter import attach_adapter
@@ -80,7 +79,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         finished = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
         if finished is not None:
             return StageOneReport(finished, seconds=time.perf_counter() - started, already_complete=True,
-                                  bad_images=count_bad_images(finished) if runtime.is_main else 0)
+                                  bad_images=TeacherStore.open(finished).bad_images() if runtime.is_main else 0)
 
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
     attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
@@ -105,7 +104,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         report.startup_s = (first_done or time.perf_counter()) - started
         runtime.barrier()
     report.seconds = time.perf_counter() - started
-    report.bad_images = count_bad_images(path) if runtime.is_main else 0
+    report.bad_images = store.bad_images() if runtime.is_main else 0  # every rank's shards, and earlier runs
     return report
 
 

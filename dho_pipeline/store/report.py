@@ -99,11 +99,6 @@ def summarize(path: Location, progress: bool = False) -> dict:
     }
 
 
-def count_bad_images(path: Location) -> int:
-    """Images the store at `path` marks bad (undecodable, skipped): one read of its `bad` array."""
-    return int(TeacherStore.open(path).array("bad")[:].sum())
-
-
 def list_stores(root: Location) -> list[dict]:
     """A short summary of every store directly under `root`, from its done marks and its list of chunk files.
 

@@ -445,6 +445,10 @@ class TeacherStore:
                           unit="shard", disable=not progress, leave=False)
             return dict(zip(shards, checks, strict=True))
 
+    def bad_images(self) -> int:
+        """Images the store marks bad (undecodable, skipped): one read of its `bad` array."""
+        return int(self.array("bad")[:].sum())
+
     def missing_chunk_files(self, done: list[StoreShard] | None = None) -> dict[StoreShard, str]:
         """Of the shards marked done (`done`, if known), those with a chunk file missing, from one listing of
         the store's files (no chunk read).
