@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from dho_pipeline.config import ConfigError, PipelineConfig, load_config
-from dho_pipeline.errors import human_bytes
+from dho_pipeline.errors import human_bytes, warn
 from dho_pipeline.locations import Location, UrlPath, is_url
 
 CONFIG_HELP = "The experiment file (see pipeline.yaml in the repository)."
@@ -163,7 +163,6 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
     NAME=OUT` scores it with the heads restricted to them.
     """
     from dho_pipeline.data.shards import load_manifest, write_shards
-    from dho_pipeline.errors import warn
 
     plain = {"shots": shots, "percent": percent, "val_per_class": val_per_class, "test_per_class": test_per_class,
              "max_train_per_class": max_train_per_class}
