@@ -163,6 +163,7 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
     try:
         train(ctx, student, feed, checkpoints, metrics, range(start_step, stop))
     finally:
+        feed.close()
         metrics.close()
     if stop == ctx.total_steps:
         save_final(ctx, student, checkpoints)
@@ -446,6 +447,18 @@ class StepFeed:
                  data: StudentData, tc: TrainConfig, device: torch.device):
         self.labelled, self.unlabelled, self.teacher = labelled, unlabelled, teacher
         self.data, self.tc, self.device = data, tc, device
+
+    def close(self) -> None:
+        """Shut the loader workers down now, however training ended.
+
+        They ignore SIGTERM (see ignore_stop_signals), so they must not be left to multiprocessing's exit
+        handler, which terminates and then joins them: an error's traceback can keep the iterators, and with
+        them the workers, alive until then, and the process would never exit.
+        """
+        for loader in (self.labelled, self.unlabelled):
+            shutdown = getattr(loader, "_shutdown_workers", None)  # torch's iterator over worker processes
+            if shutdown is not None:
+                shutdown()
 
     def next(self) -> StepInputs:
         batch_l = next(self.labelled)

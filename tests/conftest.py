@@ -1,11 +1,14 @@
 """Shared fixtures: a small real slice of Fashion-MNIST as shards, a tiny open_clip teacher file and its
-finished store; helpers to check one-line CLI errors and to fill a disk."""
+finished store; helpers to check one-line CLI errors and to fill a disk; a check that no test leaves a
+worker process running."""
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,24 @@ from dho_pipeline.data.splits import split_source
 from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 
 SHARD_SIZE = 32
+WORKER_EXIT_S = 10  # how long a test's worker processes may take to exit after it
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test() -> Iterator[None]:
+    """Fail the test that leaves a loader worker running, and kill the worker.
+
+    multiprocessing's exit handler terminates and then joins every child, so one that ignores SIGTERM (stage
+    two's loader workers do) would hold pytest at exit until CI's time limit, after every test had passed.
+    """
+    yield
+    deadline = time.monotonic() + WORKER_EXIT_S
+    while (left := multiprocessing.active_children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for process in left:
+        process.kill()
+        process.join()
+    assert not left, f"worker processes outlived the test by {WORKER_EXIT_S} s: {left}"
 
 
 @pytest.fixture(scope="session")

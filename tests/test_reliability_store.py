@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -231,7 +232,9 @@ def test_a_shard_damaged_during_training_is_named_from_a_loader_worker(own_shard
     assert dho("cache-teacher", "-c", config).exit_code == 0
     target = load_manifest(shards).splits["unlabelled"][0].path
     target.write_bytes(target.read_bytes()[::-1])  # same size: only the worker's sha256 check can tell
-    one_line_error(dho("train-student", "-c", config), str(target), "sha256")
+    failed = dho("train-student", "-c", config)  # its traceback still holds the loader iterators
+    one_line_error(failed, str(target), "sha256")
+    assert not multiprocessing.active_children(), "workers that ignore SIGTERM must be shut down with the run"
 
 
 def hold_lock(store):
