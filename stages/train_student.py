@@ -36,6 +36,7 @@ from dho_pipeline.data.views import normalize
 from dho_pipeline.errors import CheckpointError, DhoError, disk_full, is_disk_full, warn
 from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
 from dho_pipeline.store.lookup import find_store, view_recipe
+from dho_pipeline.store.zarr_store import field_value, fingerprint_diff
 from dho_pipeline.student.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dho_pipeline.student.evaluation import accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.student.losses import TopKLogits, training_loss
@@ -88,6 +89,9 @@ RESUME_FREE = {
     # the student's initial weights: a resumed run takes its weights from last.pt
     "student.pretrained_file",
 }
+# Files that make the teacher: compared by what they hold instead of where they are, through the store's
+# fingerprint (cached logits) or the online teacher's, so a run may continue where they lie elsewhere.
+TEACHER_FILES = {"teacher.pretrained", "teacher.model_config_dir", "teacher.adapter.file"}
 
 
 # Every file train-student writes in train.out_dir (TensorBoard's event files by pattern): what --overwrite removes.
@@ -155,6 +159,7 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
     else:
         checkpoints.claim_folder(overwrite)
     teacher = setup_teacher(ctx)
+    checkpoints.online_teacher = teacher.fingerprint if teacher else None
     student = setup_student(ctx)
     start_step = checkpoints.restore(student) if resume else 0
     metrics = MetricsLog(checkpoints.out_dir / "metrics.jsonl", start_step, ctx.runtime.is_main, cfg.train.tensorboard)
@@ -246,6 +251,7 @@ class Checkpoints:
         self.out_dir = ctx.cfg.path(ctx.cfg.train.out_dir)
         self.last = self.out_dir / "last.pt"
         self.last_step: int | None = None
+        self.online_teacher: dict | None = None  # the online teacher's fingerprint, once it is loaded
 
     def claim_folder(self, overwrite: bool) -> None:
         """Make the run folder a new run's: refuse one that holds a run's checkpoints, or with `overwrite` remove
@@ -319,8 +325,13 @@ class Checkpoints:
         """ResumeMismatch naming each setting (and input) of this run that differs from the checkpoint's run."""
         ctx = self.ctx
         recorded, now = flat_config(state["config"]), flat_config(ctx.cfg.to_dict())
+        free = RESUME_FREE | TEACHER_FILES if "online_teacher" in state else RESUME_FREE  # older last.pt: paths
         differ = [f"{key} {recorded[key]!r} -> {now[key]!r}" for key in recorded.keys() & now.keys()
-                  if key not in RESUME_FREE and recorded[key] != now[key]]
+                  if key not in free and recorded[key] != now[key]]
+        then, online = state.get("online_teacher"), self.online_teacher
+        if isinstance(then, dict) and isinstance(online, dict):  # what it is: its weights' sha256, its adapter's
+            differ += [f"the online teacher's {name} {field_value(then, name)} -> {field_value(online, name)}"
+                       for name in fingerprint_diff(then, online)]
         if state.get("shards_fingerprint", ctx.shards_fingerprint) != ctx.shards_fingerprint:
             differ.append(f"the shards ({state['shards']} -> {ctx.manifest.root}: other files)")
         if state["store_fingerprint"] != ctx.store_fingerprint:
@@ -345,7 +356,8 @@ class Checkpoints:
                 "rng": states, "config": ctx.cfg.to_dict(), "class_names": ctx.manifest.class_names,
                 "student_data": student.data.__dict__, "store": ctx.store_path,
                 "store_fingerprint": ctx.store_fingerprint, "shards": str(ctx.manifest.root),
-                "total_steps": ctx.total_steps, "shards_fingerprint": ctx.shards_fingerprint, **extra,
+                "total_steps": ctx.total_steps, "shards_fingerprint": ctx.shards_fingerprint,
+                "online_teacher": self.online_teacher, **extra,
             })
         if path is None:
             self.last_step = step

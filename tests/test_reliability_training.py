@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -241,6 +242,28 @@ def test_resume_refuses_settings_that_change_the_run_and_takes_those_that_do_not
     resumed = train(config, "--resume", "--set", "train.log_every=4", "--set", "train.checkpoint_every=3")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(tmp_path / "run" / "final.pt", uninterrupted / "final.pt")
+
+
+def test_resume_knows_the_teacher_by_its_contents_not_its_path(cached_store, shards_dir, teacher_file, uninterrupted,
+                                                                tmp_path):
+    moved = tmp_path / "elsewhere" / teacher_file.name  # as on another machine
+    moved.parent.mkdir()
+    shutil.copy(teacher_file, moved)
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    assert train(config, "--max-steps", "4").exit_code == 0
+    resumed = train(config, "--resume", "--set", f"teacher.pretrained={moved}")
+    assert resumed.exit_code == 0, resumed.output
+    assert same_weights(tmp_path / "run" / "final.pt", uninterrupted / "final.pt")
+
+    # Online, the teacher runs every step: moved is taken, other weights at the same path are not.
+    online = ["--set", "teacher.mode=online", "--set", "teacher.online_views=fresh", "--set", "train.out_dir=online"]
+    assert train(config, *online, "--max-steps", "2").exit_code == 0
+    assert train(config, *online, "--max-steps", "2", "--resume", "--set", f"teacher.pretrained={moved}").exit_code == 0
+    torch.manual_seed(1)
+    torch.save(open_clip.create_model("dho-tiny-clip").state_dict(), moved)
+    refused = train(config, *online, "--resume", "--set", f"teacher.pretrained={moved}")
+    one_line_error(refused, "the online teacher's checkpoint_sha256", "--overwrite")
+    assert load_checkpoint(tmp_path / "online" / "last.pt")["step"] == 4
 
 
 def test_resume_where_no_run_started_is_refused_and_a_run_killed_before_its_first_checkpoint_starts_over(
