@@ -469,8 +469,13 @@ class StepFeed:
         """
         for loader in (self.labelled, self.unlabelled):
             shutdown = getattr(loader, "_shutdown_workers", None)  # torch's iterator over worker processes
-            if shutdown is not None:
-                shutdown()
+            if shutdown is None:
+                continue
+            shutdown()  # asks each worker to stop and waits a while; then SIGTERM, which they ignore
+            for worker in loader._workers:
+                if worker.is_alive():  # stuck in a read: SIGKILL is the signal it cannot ignore
+                    worker.kill()
+                    worker.join()
 
     def next(self) -> StepInputs:
         batch_l = next(self.labelled)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -242,6 +243,27 @@ def test_resume_refuses_settings_that_change_the_run_and_takes_those_that_do_not
     resumed = train(config, "--resume", "--set", "train.log_every=4", "--set", "train.checkpoint_every=3")
     assert resumed.exit_code == 0, resumed.output
     assert same_weights(tmp_path / "run" / "final.pt", uninterrupted / "final.pt")
+
+
+class FailingAndStuckStream(StudentStream):
+    """The labelled stream fails at its third batch; the unlabelled one hangs in a read from its third on."""
+
+    def __iter__(self):
+        for index, batch in enumerate(super().__iter__()):
+            if index == 2 and self.batch_size == BATCH_LABELLED:
+                raise OSError("a read failed")
+            if index == 2:
+                time.sleep(600)
+            yield batch
+
+
+def test_a_failed_run_leaves_no_loader_worker_behind_even_one_stuck_in_a_read(cached_store, shards_dir, teacher_file,
+                                                                              tmp_path, monkeypatch):
+    monkeypatch.setattr(train_student, "StudentStream", FailingAndStuckStream)
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    with pytest.raises(OSError, match="a read failed") as failure:  # its traceback holds the loader iterators
+        train_student.run(load_config(config, overrides=["data.num_workers=1"]))
+    assert failure.value and not multiprocessing.active_children(), "workers ignore SIGTERM: they must be ended"
 
 
 def test_resume_knows_the_teacher_by_its_contents_not_its_path(cached_store, shards_dir, teacher_file, uninterrupted,
