@@ -270,7 +270,12 @@ def test_two_writers_started_together_on_a_new_store(shards_dir, teacher_file, c
     config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)})
     cmd = [sys.executable, "-m", "dho_pipeline.cli", "cache-teacher", "-c", str(config)]
     runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=120), p.stderr.read()) for p in runs]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in runs]
+    finally:  # a writer that hangs must not outlive the test
+        for p in runs:
+            p.kill()
+    results = [(p.returncode, err) for p, err in zip(runs, errors, strict=True)]
     codes = sorted(code for code, _ in results)
     if codes == [0, 0]:  # the first finished before the second took the lock: it found nothing to do
         assert_same_store(store, cached_store)

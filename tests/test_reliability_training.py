@@ -4,6 +4,7 @@ diverging loss and a file that is not an image, each reported in one line naming
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import math
 import multiprocessing
@@ -318,12 +319,16 @@ def test_a_signal_stops_training_after_a_step_with_its_checkpoint_and_the_resume
                                 "--set", f"data.num_workers={workers}"],
                                cwd=Path(__file__).parents[1],
                                env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # as in here
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log = run_dir / "metrics.jsonl"
-    while process.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.01)
-    os.killpg(process.pid, stop_signal)
-    stderr = process.communicate(timeout=120)[1]
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        log = run_dir / "metrics.jsonl"
+        while process.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+            time.sleep(0.01)
+        os.killpg(process.pid, stop_signal)
+        stderr = process.communicate(timeout=120)[1]
+    finally:  # a run that hangs must not outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 128 + stop_signal, stderr
     step = load_checkpoint(run_dir / "last.pt")["step"]
     assert 2 <= step < 24 and not (run_dir / "final.pt").exists()
