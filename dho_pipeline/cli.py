@@ -273,12 +273,16 @@ def cache() -> None:
 
 @cache.command("inspect")
 @click.argument("store", type=PathOrUrl(exists=True, file_okay=False))
+@click.option("--shards", type=PathOrUrl(exists=True, file_okay=False),
+              help="The shard set (make-shards' output folder) STORE was made from: bad images are then named by "
+                   "their source files too (from its sources.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cache_inspect(store: Location, as_json: bool) -> None:
+def cache_inspect(store: Location, shards: Location | None, as_json: bool) -> None:
     """Size, progress, fingerprint and teacher accuracy of STORE (a folder or a URL such as s3://bucket/x.zarr)."""
+    from dho_pipeline.data.shards import load_manifest
     from dho_pipeline.store.report import summarize
 
-    s = summarize(store, progress=not as_json)
+    s = summarize(store, progress=not as_json, manifest=load_manifest(shards) if shards else None)
     if as_json:
         click.echo(json.dumps(s, indent=1))
         return
@@ -290,7 +294,8 @@ def cache_inspect(store: Location, as_json: bool) -> None:
                f"   per view {s['bytes_per_view']:.1f} B")
     click.echo(f"done         {s['done_fraction']:.1%}   bad images skipped {s['bad_rows']}")
     for bad in s["bad_images"]:
-        click.echo(f"bad image    {bad['shard']} sample {bad['key']!r}")
+        source = f"  from {bad['source']}" if "source" in bad else ""
+        click.echo(f"bad image    {bad['shard']} sample {bad['key']!r}{source}")
     if s["bad_images_not_listed"]:
         click.echo(f"             and {s['bad_images_not_listed']} more")
     for name, problem in s["damaged_shards"].items():

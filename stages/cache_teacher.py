@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import PipelineConfig
-from dho_pipeline.data.shards import Shard, load_manifest
+from dho_pipeline.data.shards import SOURCES, Manifest, Shard, load_manifest
 from dho_pipeline.data.teacher_views import TeacherViewBatches, views_for_split
 from dho_pipeline.data.views import ViewRecipe, normalize
 from dho_pipeline.errors import warn
+from dho_pipeline.locations import Location
 from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
 from dho_pipeline.store.lock import Lease, rank_zero_lock
 from dho_pipeline.store.lookup import finished_store, stage_one_request, store_path, view_recipe
@@ -42,6 +43,7 @@ class StageOneReport:
     """Where the store is and how the run went: views computed by this process and where the time went."""
 
     path: Path
+    sources: Location | None = None  # the shard set's folder when it names source files (sources.json)
     views: int = 0
     seconds: float = 0.0
     startup_s: float = 0.0  # from the start until the first batch's logits were back
@@ -63,8 +65,9 @@ class StageOneReport:
             done = (f"{self.path}: {self.views:,} views in {self.seconds:.1f} s (start-up {self.startup_s:.1f} s, "
                     f"then {self.steady_views_per_s:,.0f} views/s)")
         if self.bad_images:
-            done += (f"\n{self.bad_images} bad image{'s' if self.bad_images > 1 else ''} skipped (listed by "
-                     f"`dho cache inspect {self.path}`)")
+            listed = (f"with their source files by `dho cache inspect {self.path} --shards {self.sources}`"
+                      if self.sources else f"by `dho cache inspect {self.path}`")
+            done += f"\n{self.bad_images} bad image{'s' if self.bad_images > 1 else ''} skipped (listed {listed})"
         return done
 
 
@@ -78,14 +81,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     if not overwrite:
         finished = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
         if finished is not None:
-            return StageOneReport(finished, seconds=time.perf_counter() - started, already_complete=True,
+            return StageOneReport(finished, sources_folder(manifest), seconds=time.perf_counter() - started,
+                                  already_complete=True,
                                   bad_images=TeacherStore.open(finished).bad_images() if runtime.is_main else 0)
 
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
     attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
     fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest, cfg.cache.top_k)
     path = store_path(cfg, fingerprint)
-    report = StageOneReport(path)
+    report = StageOneReport(path, sources_folder(manifest))
 
     with rank_zero_lock(path, runtime) as lease:  # one writer: rank 0 holds it for ranks that split the shards
         if runtime.is_main:
@@ -147,6 +151,11 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
             first_done = first_done or time.perf_counter()
         rows.flush()
     return first_done, first_views
+
+
+def sources_folder(manifest: Manifest) -> Location | None:
+    """The shard set's folder when its sources.json names each sample's source file, else None."""
+    return manifest.root if (manifest.root / SOURCES).exists() else None
 
 
 def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device, top_k: int | None) -> HostCopy:

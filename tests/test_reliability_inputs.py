@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import open_clip
@@ -81,6 +82,27 @@ def test_an_image_only_a_full_decode_finds_bad_is_named_by_its_source_file(tmp_p
         for shard in manifest.shards():
             for position, raw in enumerate(iter_shard(shard)):
                 parse_sample(raw, shard, position, skip_bad=False)
+
+
+def test_cache_inspect_names_a_skipped_bad_image_by_its_source_file(tmp_path, teacher_file, shards_dir):
+    source = image_folder(tmp_path / "src", {"bag": 2, "coat": 2})
+    jpeg = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(jpeg, format="JPEG")
+    cut = source / "train" / "coat" / "cut.jpg"
+    cut.write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])  # passes make-shards, fails the decode
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["make-shards", str(source), str(out), "--shots", "1"]).exit_code == 0
+    config = write_config(tmp_path / "p.yaml", out, teacher_file, data={"on_bad_image": "skip", "num_workers": 0})
+    cached = CliRunner().invoke(main, ["cache-teacher", "-c", str(config)])
+    assert cached.exit_code == 0, cached.output
+    store = next((tmp_path / "cache").glob("*.zarr"))
+    assert f"1 bad image skipped (listed with their source files by `dho cache inspect {store} --shards {out}`)" in (
+        cached.output)
+    inspected = CliRunner().invoke(main, ["cache", "inspect", str(store), "--shards", str(out)])
+    named = rf"bad image    \S+ sample '\d+'  from {re.escape(str(cut))}\n"
+    assert re.search(named, inspected.output), inspected.output
+    one_line_error(CliRunner().invoke(main, ["cache", "inspect", str(store), "--shards", str(shards_dir)]),
+                   f"{shards_dir}: not the shard set {store} was made from")
 
 
 def not_a_checkpoint(kind: str, folder: Path, teacher_file: Path) -> Path:

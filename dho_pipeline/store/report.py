@@ -1,10 +1,11 @@
-"""What `dho cache inspect`, `list` and `verify` report about a store, computed from the store alone."""
+"""What `dho cache inspect`, `list` and `verify` report about a store, computed from the store alone (and, to name
+bad images' source files, the shard set it was made from)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from dho_pipeline.data.shards import sample_key
+from dho_pipeline.data.shards import Manifest, Shard, ShardDataError, sample_key, source_file
 from dho_pipeline.data.views import CLEAN_VIEW
 from dho_pipeline.errors import one_line
 from dho_pipeline.locations import Location, location
@@ -58,13 +59,33 @@ def verify(store: TeacherStore, progress: bool = False) -> dict:
     }
 
 
-def summarize(path: Location, progress: bool = False) -> dict:
+def made_from(store: TeacherStore, manifest: Manifest) -> dict[str, Shard]:
+    """The manifest's shards by name; ShardDataError unless it holds every shard the store was made from."""
+    held = manifest.fingerprint()
+    other = [name for name, *rest in store.fingerprint["shards"] if [name, *rest] not in held]
+    if other:
+        raise ShardDataError(f"{manifest.root}: not the shard set {store.path} was made from ({len(other)} of its "
+                             f"shards missing or other files, {other[0]} first)")
+    return {shard.path.name: shard for shard in manifest.shards()}
+
+
+def bad_image(shard_name: str, row: int, shard_set: dict[str, Shard]) -> dict[str, str]:
+    """A bad image by shard and key, and by the file make-shards read it from when the shard set knows it."""
+    entry = {"shard": shard_name, "key": sample_key(row)}
+    shard = shard_set.get(shard_name)
+    source = source_file(shard, row - shard.first_row) if shard else None
+    return {**entry, "source": source} if source else entry
+
+
+def summarize(path: Location, progress: bool = False, manifest: Manifest | None = None) -> dict:
     """Size, progress, integrity, fingerprint and teacher accuracy per split of the store at `path`.
 
     Every shard is verified; progress (`done_fraction`), accuracies and the bad images skipped (the first
-    LISTED_BAD_IMAGES by shard and key) count intact shards only.
+    LISTED_BAD_IMAGES by shard and key, and by source file when `manifest`, the store's shard set, has a
+    sources.json) count intact shards only.
     """
     store = TeacherStore.open(path)
+    shard_set = made_from(store, manifest) if manifest else {}
     checks = store.check_shards(progress=progress)
     intact = [s for s, problem in checks.items() if problem is None]
     rows, views = sum(s.count for s in checks), store.num_views
@@ -87,7 +108,7 @@ def summarize(path: Location, progress: bool = False) -> dict:
         "done_fraction": sum(s.count for s in intact) / rows if rows else 0.0,
         "damaged_shards": {s.name: problem for s, problem in checks.items() if problem not in (None, NOT_DONE)},
         "bad_rows": len(bad),
-        "bad_images": [{"shard": name, "key": sample_key(row)} for name, row in bad[:LISTED_BAD_IMAGES]],
+        "bad_images": [bad_image(name, row, shard_set) for name, row in bad[:LISTED_BAD_IMAGES]],
         "bad_images_not_listed": max(0, len(bad) - LISTED_BAD_IMAGES),
         "split_rows": {split: int(sum(s.count for s in checks if s.split == split)) for split in splits},
         "teacher": teacher_name(store),
