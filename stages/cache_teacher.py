@@ -81,15 +81,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     if not overwrite:
         finished = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
         if finished is not None:
-            return StageOneReport(finished, sources_folder(manifest), seconds=time.perf_counter() - started,
-                                  already_complete=True,
-                                  bad_images=TeacherStore.open(finished).bad_images() if runtime.is_main else 0)
+            bad = TeacherStore.open(finished).bad_images() if runtime.is_main else 0
+            return StageOneReport(finished, sources_folder(manifest) if bad else None,
+                                  seconds=time.perf_counter() - started, already_complete=True, bad_images=bad)
 
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
     attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
     fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest, cfg.cache.top_k)
     path = store_path(cfg, fingerprint)
-    report = StageOneReport(path, sources_folder(manifest))
+    report = StageOneReport(path)
 
     with rank_zero_lock(path, runtime) as lease:  # one writer: rank 0 holds it for ranks that split the shards
         if runtime.is_main:
@@ -109,6 +109,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         runtime.barrier()
     report.seconds = time.perf_counter() - started
     report.bad_images = store.bad_images() if runtime.is_main else 0  # every rank's shards, and earlier runs
+    report.sources = sources_folder(manifest) if report.bad_images else None
     return report
 
 
@@ -155,7 +156,10 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
 
 def sources_folder(manifest: Manifest) -> Location | None:
     """The shard set's folder when its sources.json names each sample's source file, else None."""
-    return manifest.root if (manifest.root / SOURCES).exists() else None
+    try:
+        return manifest.root if (manifest.root / SOURCES).exists() else None
+    except OSError:  # a remote shard set that cannot be asked: the command without --shards still lists them
+        return None
 
 
 def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device, top_k: int | None) -> HostCopy:
