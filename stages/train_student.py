@@ -13,9 +13,11 @@ that stop being finite end the run at that step, before any checkpoint holds the
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
+import multiprocessing.util  # its exit handler is registered before the backstop below
 import signal
 import threading
 import time
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import PipelineConfig, TrainConfig
-from dho_pipeline.data.shards import Manifest, load_manifest
+from dho_pipeline.data.shards import Manifest, ShardDataError, load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream, clean_batches
 from dho_pipeline.data.views import normalize
 from dho_pipeline.errors import CheckpointError, DhoError, disk_full, is_disk_full, warn
@@ -89,14 +91,16 @@ RESUME_FREE = {
     # the student's initial weights: a resumed run takes its weights from last.pt
     "student.pretrained_file",
 }
-# Files that make the teacher: compared by what they hold instead of where they are, through the store's
-# fingerprint (cached logits) or the online teacher's, so a run may continue where they lie elsewhere.
-TEACHER_FILES = {"teacher.pretrained", "teacher.model_config_dir", "teacher.adapter.file"}
+# The teacher's weights and adapter: compared by what they hold instead of where they are, through the store's
+# fingerprint (cached logits) or the online teacher's sha256s, so a run may continue where they lie elsewhere.
+# (teacher.model_config_dir stays compared by path: no fingerprint holds the model config it gives.)
+TEACHER_FILES = {"teacher.pretrained", "teacher.adapter.file"}
 
 
 # Every file train-student writes in train.out_dir (TensorBoard's event files by pattern): what --overwrite removes.
 RUN_FILES = ("last.pt", "last.pt.tmp", "final.pt", "final.pt.tmp", "metrics.jsonl")
 TENSORBOARD_FILES = "events.out.tfevents.*"
+WORKER_KILL_WAIT_S = 10  # how long a killed loader worker is waited for
 
 
 @dataclass(frozen=True)
@@ -168,8 +172,10 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
     try:
         train(ctx, student, feed, checkpoints, metrics, range(start_step, stop))
     finally:
-        feed.close()
-        metrics.close()
+        try:
+            feed.close()
+        finally:
+            metrics.close()
     if stop == ctx.total_steps:
         save_final(ctx, student, checkpoints)
     ctx.runtime.barrier()
@@ -181,6 +187,10 @@ def setup_data(cfg: PipelineConfig) -> RunContext:
     runtime = init_runtime(cfg.train.device)
     manifest = load_manifest(cfg.location(cfg.data.shards))
     manifest.check_files(manifest.shards())
+    if cfg.train.method != "ce_only" and not manifest.splits.get("unlabelled"):
+        raise ShardDataError(f"{manifest.root} has no unlabelled split: train.method {cfg.train.method} distils the "
+                             "teacher on unlabelled images; make shards with some (make-shards --max-train-per-class "
+                             "above --shots), or train.method ce_only")
     fresh = cfg.teacher.mode == "online" and cfg.teacher.online_views == "fresh"
     store = None if fresh else find_store(cfg, manifest)
     steps_per_epoch, total_steps = step_budget(cfg.train, manifest, runtime.world_size)
@@ -329,7 +339,8 @@ class Checkpoints:
         differ = [f"{key} {recorded[key]!r} -> {now[key]!r}" for key in recorded.keys() & now.keys()
                   if key not in free and recorded[key] != now[key]]
         then, online = state.get("online_teacher"), self.online_teacher
-        if isinstance(then, dict) and isinstance(online, dict):  # what it is: its weights' sha256, its adapter's
+        if isinstance(then, dict) and isinstance(online, dict):
+            then, online = teacher_identity(then), teacher_identity(online)
             differ += [f"the online teacher's {name} {field_value(then, name)} -> {field_value(online, name)}"
                        for name in fingerprint_diff(then, online)]
         if state.get("shards_fingerprint", ctx.shards_fingerprint) != ctx.shards_fingerprint:
@@ -369,6 +380,13 @@ class Checkpoints:
         return f"the last good checkpoint {self.last} (step {self.last_step}) is kept"
 
 
+def teacher_identity(fingerprint: dict) -> dict:
+    """What an online teacher's fingerprint says it is, for --resume: its dtype left out (teacher.dtype auto
+    follows the device, which may change) and a file's name too (its sha256 says what it holds)."""
+    by_file = fingerprint.get("checkpoint_sha256") is not None
+    return {k: v for k, v in fingerprint.items() if k != "dtype" and not (by_file and k == "pretrained")}
+
+
 def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
     """`config` (PipelineConfig.to_dict) as {"train.lr": 0.001, ...}."""
     flat = {}
@@ -396,23 +414,58 @@ def setup_loaders(ctx: RunContext, teacher: Teacher | None, data: StudentData, s
         fresh_views=view_recipe(cfg) if ctx.store_path is None else None, skip_bad=cfg.data.on_bad_image == "skip",
     )
 
-    def loader(split: str, batch_size: int) -> Iterator[dict]:
-        stream = StudentStream(ctx.manifest.splits[split], ctx.store_path, spec, batch_size, runtime.rank,
-                               runtime.world_size, start_batch=start_step)
-        return iter(DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
-                               pin_memory=runtime.device.type == "cuda", persistent_workers=False,
-                               worker_init_fn=ignore_stop_signals if StopRequest.possible(runtime) else None))
+    def stream(split: str, batch_size: int) -> StudentStream:
+        return StudentStream(ctx.manifest.splits[split], ctx.store_path, spec, batch_size, runtime.rank,
+                             runtime.world_size, start_batch=start_step)
 
-    labelled = loader("labelled", tc.batch_labelled)
-    unlabelled = loader("unlabelled", tc.batch_unlabelled) if tc.method != "ce_only" else None
-    return StepFeed(labelled, unlabelled, teacher, data, tc, runtime.device)
+    def loader(dataset: StudentStream) -> Iterator[dict]:
+        return start_loader(dataset, cfg.data.num_workers, runtime.device.type == "cuda",
+                            deaf=StopRequest.possible(runtime))
+
+    # Both streams are built (and their stores checked) before any worker starts.
+    labelled = stream("labelled", tc.batch_labelled)
+    unlabelled = stream("unlabelled", tc.batch_unlabelled) if tc.method != "ce_only" else None
+    return StepFeed(loader(labelled), loader(unlabelled) if unlabelled else None, teacher, data, tc, runtime.device)
+
+
+def start_loader(dataset: StudentStream, num_workers: int, pin_memory: bool, deaf: bool) -> Iterator[dict]:
+    """An iterator over `dataset`'s batches from `num_workers` worker processes. `deaf` workers ignore the stop
+    signals (ignore_stop_signals) and are remembered for the exit backstop."""
+    batches = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                              persistent_workers=False, worker_init_fn=ignore_stop_signals if deaf else None))
+    if deaf:
+        _DEAF_WORKERS[:] = [w for w in _DEAF_WORKERS if w.is_alive()] + list(getattr(batches, "_workers", []))
+    return batches
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
     """In a loader worker: let Ctrl-C or a SIGTERM to the whole process group stop the main process alone, which
-    ends its step and its checkpoint before it shuts the workers down."""
+    ends its step and its checkpoint before it shuts the workers down (StepFeed.close)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_workers(batches: Iterator[dict] | None) -> None:
+    """Shut down the worker processes of a DataLoader iterator now; kill those that do not stop."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's iterator over worker processes
+    if shutdown is not None:
+        shutdown()  # asks each worker to stop and waits a while; then SIGTERM, which these ignore
+        kill_workers(batches._workers)
+
+
+def kill_workers(workers: list[multiprocessing.Process]) -> None:
+    """SIGKILL, the signal a worker cannot ignore, to each worker still alive (one stuck in a read)."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(WORKER_KILL_WAIT_S)  # a read stuck in the kernel (a hung mount) delays even SIGKILL
+
+
+# The loader workers of this process that ignore SIGTERM, and the backstop that ends them at exit whatever
+# path got there: multiprocessing's exit handler sends its children SIGTERM and then joins them, so one alive
+# at exit would hold the process forever. Registered after that handler (imported above), it runs first.
+_DEAF_WORKERS: list[multiprocessing.Process] = []
+atexit.register(kill_workers, _DEAF_WORKERS)
 
 
 class StopRequest:
@@ -467,15 +520,8 @@ class StepFeed:
         handler, which terminates and then joins them: an error's traceback can keep the iterators, and with
         them the workers, alive until then, and the process would never exit.
         """
-        for loader in (self.labelled, self.unlabelled):
-            shutdown = getattr(loader, "_shutdown_workers", None)  # torch's iterator over worker processes
-            if shutdown is None:
-                continue
-            shutdown()  # asks each worker to stop and waits a while; then SIGTERM, which they ignore
-            for worker in loader._workers:
-                if worker.is_alive():  # stuck in a read: SIGKILL is the signal it cannot ignore
-                    worker.kill()
-                    worker.join()
+        end_workers(self.labelled)
+        end_workers(self.unlabelled)
 
     def next(self) -> StepInputs:
         batch_l = next(self.labelled)

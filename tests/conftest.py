@@ -5,6 +5,7 @@ worker process running."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -36,12 +37,13 @@ def no_worker_outlives_its_test() -> Iterator[None]:
     two's loader workers do) would hold pytest at exit until CI's time limit, after every test had passed.
     """
     yield
+    gc.collect()  # a loader iterator held in a reference cycle shuts its workers down when collected
     deadline = time.monotonic() + WORKER_EXIT_S
     while (left := multiprocessing.active_children()) and time.monotonic() < deadline:
         time.sleep(0.05)
     for process in left:
         process.kill()
-        process.join()
+        process.join(WORKER_EXIT_S)
     assert not left, f"worker processes outlived the test by {WORKER_EXIT_S} s: {left}"
 
 

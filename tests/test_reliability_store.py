@@ -242,7 +242,9 @@ def hold_lock(store):
     code = ("import sys, time; from dho_pipeline.store.lock import store_write_lock\n"
             f"with store_write_lock({str(store)!r}):\n    print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    if holder.stdout.readline().strip() != "held":
+        holder.kill()
+        pytest.fail(f"the lock holder did not start (exit code {holder.wait()})")
     return holder
 
 

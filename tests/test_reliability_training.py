@@ -26,7 +26,7 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
-from dho_pipeline.student.checkpoint import load_checkpoint
+from dho_pipeline.student.checkpoint import load_checkpoint, save_checkpoint
 from stages import train_student
 from tests.conftest import RunsCodeOnLoad, one_line_error, resize_tmpfs, tmpfs, write_config
 
@@ -279,14 +279,23 @@ def test_resume_knows_the_teacher_by_its_contents_not_its_path(cached_store, sha
     assert same_weights(tmp_path / "run" / "final.pt", uninterrupted / "final.pt")
 
     # Online, the teacher runs every step: moved is taken, other weights at the same path are not.
+    # Online, the teacher runs every step: moved or renamed is taken, and so is the dtype teacher.dtype auto
+    # gave on another device (as a last.pt from a GPU says), but other weights at the same path are not.
     online = ["--set", "teacher.mode=online", "--set", "teacher.online_views=fresh", "--set", "train.out_dir=online"]
     assert train(config, *online, "--max-steps", "2").exit_code == 0
-    assert train(config, *online, "--max-steps", "2", "--resume", "--set", f"teacher.pretrained={moved}").exit_code == 0
+    last = tmp_path / "online" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["online_teacher"]["dtype"] == "fp32"
+    save_checkpoint(last, {**state, "online_teacher": {**state["online_teacher"], "dtype": "bf16"}})
+    renamed = moved.with_name("renamed.pt")
+    shutil.copy(moved, renamed)
+    resumed = train(config, *online, "--max-steps", "2", "--resume", "--set", f"teacher.pretrained={renamed}")
+    assert resumed.exit_code == 0, resumed.output
     torch.manual_seed(1)
     torch.save(open_clip.create_model("dho-tiny-clip").state_dict(), moved)
     refused = train(config, *online, "--resume", "--set", f"teacher.pretrained={moved}")
     one_line_error(refused, "the online teacher's checkpoint_sha256", "--overwrite")
-    assert load_checkpoint(tmp_path / "online" / "last.pt")["step"] == 4
+    assert load_checkpoint(last)["step"] == 4
 
 
 def test_resume_where_no_run_started_is_refused_and_a_run_killed_before_its_first_checkpoint_starts_over(
@@ -339,6 +348,33 @@ def test_a_signal_stops_training_after_a_step_with_its_checkpoint_and_the_resume
     assert resumed.exit_code == 0, resumed.output
     assert metrics(run_dir) == metrics(tmp_path / "reference")
     assert same_weights(run_dir / "final.pt", tmp_path / "reference" / "final.pt")
+
+
+def test_a_distilled_run_on_shards_without_an_unlabelled_split_is_refused_before_any_worker_starts(
+        shards_dir, teacher_file, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(shards_dir, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["splits"]["unlabelled"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    config = train_config(tmp_path, shards, teacher_file, tmp_path / "no-store", steps=1)
+    fresh = ["--set", "teacher.mode=online", "--set", "teacher.online_views=fresh"]  # no store needed
+    refused = train(config, *fresh, "--set", "data.num_workers=2")  # it once started the labelled workers first
+    one_line_error(refused, f"{shards} has no unlabelled split", "train.method dho", "ce_only")
+    assert not multiprocessing.active_children()
+    ce_only = train(config, *fresh, "--set", "train.method=ce_only")
+    assert ce_only.exit_code == 0, ce_only.output
+
+
+def test_a_process_exits_with_a_loader_worker_that_ignores_sigterm_still_running():
+    """The exit backstop runs before multiprocessing's exit handler, whose SIGTERM such a worker ignores."""
+    code = ("import torch.utils.data as d\nfrom stages import train_student\n"
+            "class Endless(d.IterableDataset):\n    def __iter__(self):\n        while True:\n            yield 0\n"
+            "batches = train_student.start_loader(Endless(), 1, pin_memory=False, deaf=True)\n"
+            "print(next(batches), flush=True)\n")
+    ended = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
+                           text=True, timeout=60)
+    assert (ended.returncode, ended.stdout) == (0, "0\n"), ended.stderr
 
 
 def test_a_dho_run_without_a_val_split_warns_that_final_pt_keeps_the_default_alpha_and_beta(shards_dir, teacher_file,
