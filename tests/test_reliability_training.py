@@ -350,13 +350,18 @@ def test_a_signal_stops_training_after_a_step_with_its_checkpoint_and_the_resume
     assert same_weights(run_dir / "final.pt", tmp_path / "reference" / "final.pt")
 
 
+def shards_without(shards_dir: Path, split: str, out: Path) -> Path:
+    """A copy of the test shards whose manifest lists no `split`."""
+    shutil.copytree(shards_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["splits"][split]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def test_a_distilled_run_on_shards_without_an_unlabelled_split_is_refused_before_any_worker_starts(
         shards_dir, teacher_file, tmp_path):
-    shards = tmp_path / "shards"
-    shutil.copytree(shards_dir, shards)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    del manifest["splits"]["unlabelled"]
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    shards = shards_without(shards_dir, "unlabelled", tmp_path / "shards")
     config = train_config(tmp_path, shards, teacher_file, tmp_path / "no-store", steps=1)
     fresh = ["--set", "teacher.mode=online", "--set", "teacher.online_views=fresh"]  # no store needed
     refused = train(config, *fresh, "--set", "data.num_workers=2")  # it once started the labelled workers first
@@ -379,11 +384,7 @@ def test_a_process_exits_with_a_loader_worker_that_ignores_sigterm_still_running
 
 def test_a_dho_run_without_a_val_split_warns_that_final_pt_keeps_the_default_alpha_and_beta(shards_dir, teacher_file,
                                                                                           tmp_path):
-    shards = tmp_path / "shards"
-    shutil.copytree(shards_dir, shards)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    del manifest["splits"]["val"]
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    shards = shards_without(shards_dir, "val", tmp_path / "shards")
     config = train_config(tmp_path, shards, teacher_file, tmp_path / "no-store", steps=1)
     result = train(config, "--set", "teacher.mode=online", "--set", "teacher.online_views=fresh")
     assert result.exit_code == 0, result.output
