@@ -13,30 +13,28 @@ that stop being finite end the run at that step, before any checkpoint holds the
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import math
-import multiprocessing.util  # its exit handler is registered before the backstop below
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import PipelineConfig, TrainConfig
+from dho_pipeline.data.loader_workers import end_workers, start_loader
 from dho_pipeline.data.shards import Manifest, ShardDataError, load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream, clean_batches
 from dho_pipeline.data.views import normalize
-from dho_pipeline.errors import CheckpointError, DhoError, disk_full, is_disk_full, warn
+from dho_pipeline.errors import CheckpointError, DhoError, warn
+from dho_pipeline.metrics_log import MetricsLog
 from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
+from dho_pipeline.stop_request import StopRequest
 from dho_pipeline.store.lookup import find_store, view_recipe
 from dho_pipeline.store.zarr_store import field_value, fingerprint_diff
 from dho_pipeline.student.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -47,7 +45,7 @@ from dho_pipeline.student.schedule import make_scheduler
 from dho_pipeline.teacher.open_clip_teacher import Teacher, load_teacher
 from dho_pipeline.teacher.templates import resolve_templates
 from dho_pipeline.teacher.tip_adapter import attach_adapter
-from dho_pipeline.tensorboard_log import TensorBoardLog, require_tensorboard
+from dho_pipeline.tensorboard_log import require_tensorboard
 
 
 class TrainingDiverged(DhoError):
@@ -100,7 +98,6 @@ TEACHER_FILES = {"teacher.pretrained", "teacher.adapter.file"}
 # Every file train-student writes in train.out_dir (TensorBoard's event files by pattern): what --overwrite removes.
 RUN_FILES = ("last.pt", "last.pt.tmp", "final.pt", "final.pt.tmp", "metrics.jsonl")
 TENSORBOARD_FILES = "events.out.tfevents.*"
-WORKER_KILL_WAIT_S = 10  # how long a killed loader worker is waited for
 
 
 @dataclass(frozen=True)
@@ -428,83 +425,6 @@ def setup_loaders(ctx: RunContext, teacher: Teacher | None, data: StudentData, s
     return StepFeed(loader(labelled), loader(unlabelled) if unlabelled else None, teacher, data, tc, runtime.device)
 
 
-def start_loader(dataset: StudentStream, num_workers: int, pin_memory: bool, deaf: bool) -> Iterator[dict]:
-    """An iterator over `dataset`'s batches from `num_workers` worker processes. `deaf` workers ignore the stop
-    signals (ignore_stop_signals) and are remembered for the exit backstop."""
-    batches = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                              persistent_workers=False, worker_init_fn=ignore_stop_signals if deaf else None))
-    if deaf:
-        _DEAF_WORKERS[:] = [w for w in _DEAF_WORKERS if w.is_alive()] + list(getattr(batches, "_workers", []))
-    return batches
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """In a loader worker: let Ctrl-C or a SIGTERM to the whole process group stop the main process alone, which
-    ends its step and its checkpoint before it shuts the workers down (StepFeed.close)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def end_workers(batches: Iterator[dict] | None) -> None:
-    """Shut down the worker processes of a DataLoader iterator now; kill those that do not stop."""
-    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's iterator over worker processes
-    if shutdown is not None:
-        shutdown()  # asks each worker to stop and waits a while; then SIGTERM, which these ignore
-        kill_workers(batches._workers)
-
-
-def kill_workers(workers: list[multiprocessing.Process]) -> None:
-    """SIGKILL, the signal a worker cannot ignore, to each worker still alive (one stuck in a read)."""
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-            worker.join(WORKER_KILL_WAIT_S)  # a read stuck in the kernel (a hung mount) delays even SIGKILL
-
-
-# The loader workers of this process that ignore SIGTERM, and the backstop that ends them at exit whatever
-# path got there: multiprocessing's exit handler sends its children SIGTERM and then joins them, so one alive
-# at exit would hold the process forever. Registered after that handler (imported above), it runs first.
-_DEAF_WORKERS: list[multiprocessing.Process] = []
-atexit.register(kill_workers, _DEAF_WORKERS)
-
-
-class StopRequest:
-    """While training: the first SIGINT (Ctrl-C) or SIGTERM (Slurm's preemption) asks to stop after the current
-    step, with a checkpoint; a second one acts as usual.
-
-    One process only: under torchrun the ranks would have to agree on the step to stop at, so there a signal
-    still stops the run at once and --resume continues from the last periodic checkpoint.
-    """
-
-    def __init__(self, runtime: Runtime):
-        self.enabled = self.possible(runtime)
-        self.signal_number: int | None = None
-        self._previous: dict[int, object] = {}
-
-    @staticmethod
-    def possible(runtime: Runtime) -> bool:
-        """Whether this process can take the signals itself: one process, in the main thread."""
-        return runtime.world_size == 1 and threading.current_thread() is threading.main_thread()
-
-    def __enter__(self) -> StopRequest:
-        if self.enabled:
-            self._previous = {number: signal.signal(number, self._request)
-                              for number in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._restore()
-
-    def _request(self, number: int, _frame: FrameType | None) -> None:
-        self.signal_number = number
-        self._restore()
-
-    def _restore(self) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-
-
 class StepFeed:
     """Each step's inputs on the device: student views, labels and teacher logits (cached, or run online)."""
 
@@ -700,49 +620,3 @@ def validate(model: torch.nn.Module, shards: list, data, device: torch.device, c
     combined = combine(out.ce, out.kd, cfg.eval.default_alpha, cfg.eval.default_beta)
     return {"ce_head": accuracy(out.ce, out.labels), "kd_head": accuracy(out.kd, out.labels),
             "combined": accuracy(combined, out.labels)}
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object a line; on resume, lines past the checkpoint's step are dropped, and so
-    is a line cut off by a kill or a full disk (with a warning naming it). With `tensorboard`, the same numbers
-    as TensorBoard scalars in the same folder."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool, tensorboard: bool = False):
-        self.path, self.enabled = path, enabled
-        self.tensorboard = TensorBoardLog(path.parent, resume_step) if enabled and tensorboard else None
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step and path.exists():
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                step = self._step(number, line)
-                if step is not None and step <= resume_step:
-                    kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def _step(self, number: int, line: str) -> int | None:
-        """The step of line `number`; None, with a warning on stderr, when the line is not a whole record."""
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            warn(f"{self.path}:{number}: dropped a line that is not a whole record (cut off by a kill or a full "
-                 f"disk?): {line[:40]!r}")
-            return None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            if is_disk_full(e):
-                raise disk_full(self.path) from e
-            raise
-        if self.tensorboard is not None:
-            self.tensorboard.write(record)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()

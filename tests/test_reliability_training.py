@@ -373,9 +373,9 @@ def test_a_distilled_run_on_shards_without_an_unlabelled_split_is_refused_before
 
 def test_a_process_exits_with_a_loader_worker_that_ignores_sigterm_still_running():
     """The exit backstop runs before multiprocessing's exit handler, whose SIGTERM such a worker ignores."""
-    code = ("import torch.utils.data as d\nfrom stages import train_student\n"
+    code = ("import torch.utils.data as d\nfrom dho_pipeline.data.loader_workers import start_loader\n"
             "class Endless(d.IterableDataset):\n    def __iter__(self):\n        while True:\n            yield 0\n"
-            "batches = train_student.start_loader(Endless(), 1, pin_memory=False, deaf=True)\n"
+            "batches = start_loader(Endless(), 1, pin_memory=False, deaf=True)\n"
             "print(next(batches), flush=True)\n")
     ended = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
                            text=True, timeout=60)
