@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -193,7 +194,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        guess = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field ({guess}known: {', '.join(sorted(names))})")
     kwargs = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
     return cls(**kwargs)
 

@@ -108,13 +108,14 @@ def test_a_set_path_found_only_from_the_current_folder_says_paths_are_relative_t
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.stpes=3"], "--set train.stpes=3: unknown field (known: amp,"),
+    (["train.stpes=3"], "--set train.stpes=3: unknown field (did you mean train.steps? known: amp,"),
+    (["train.xyz=3"], "--set train.xyz=3: unknown field (known: amp,"),  # nothing close: no guess
     (["train=3", "train.out_dir=x"], "--set train=3: expected a mapping, got 3"),
     (["data.shards=x", "data.shards.y=1"], "--set data.shards.y=1: data.shards is a value, not a section"),
     (["train.lr=1", "train={lr: -1}"], "--set train={lr: -1}: train.lr: must be > 0, got -1.0"),
     (["views.scale=[0.5, x]"], "--set views.scale=[0.5, x]: views.scale[1]: expected a number, got 'x'"),
     (["train.lr=[1"], "--set train.lr=[1: not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
-    (["trian.lr=3"], "--set trian.lr=3: trian: unknown field (known: cache,"),  # a mistyped section
+    (["trian.lr=3"], "--set trian.lr=3: trian: unknown field (did you mean train? known: cache,"),  # a mistyped section
     (["views.ratio.x=1"], "--set views.ratio.x=1: views.ratio"),
 ])
 @pytest.mark.parametrize("config", [EXAMPLE, None], ids=["file", "defaults"])
