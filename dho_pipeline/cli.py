@@ -562,16 +562,27 @@ def plot(runs: tuple[Path, ...], out: Path) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Where shards, stores, runs and results go (the teacher is reused).")
 @click.option("--quick", is_flag=True, help="One setting, fewer steps: a few minutes on 2 CPU cores.")
-def demo(out: Path, quick: bool) -> None:
+@click.option("--retrain", is_flag=True,
+              help="Train (and time) every run from the start, instead of continuing or keeping an earlier call's.")
+def demo(out: Path, quick: bool, retrain: bool) -> None:
     """Run the whole pipeline on Fashion-MNIST offline and print an accuracy table.
 
     Pretrains a tiny CLIP teacher on half of the training images, then for each label budget makes
     shards, caches the teacher and trains CE-only, single-head KD, DHO (cached) and DHO (online teacher)
     students. Writes OUT/results.json, OUT/results.md and OUT/results.png.
+
+    A stopped demo continues where it stopped when called again with the same OUT: the teacher, shards,
+    stores and finished runs are reused, and a stopped run goes on from its last checkpoint.
     """
     from stages import demo as stage
+    from stages.train_student import TrainingStopped
 
-    results = stage.run(out, stage.QUICK if quick else stage.FULL, log=click.echo)
+    try:
+        results = stage.run(out, stage.QUICK if quick else stage.FULL, log=click.echo, retrain=retrain)
+    except TrainingStopped as stopped:  # Ctrl-C or SIGTERM during a run: the next call goes on from its last.pt
+        again = ["dho", "demo", "--out", str(out), *(["--quick"] if quick else [])]
+        click.echo(f"{stopped}; continue with {shlex.join(again)}", err=True)
+        raise SystemExit(128 + stopped.signal_number) from None
     click.echo(stage.results_table(results))
     click.echo(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dho_pipeline.config import load_config
+from dho_pipeline.config import PipelineConfig, load_config
 from dho_pipeline.data.shards import MANIFEST, write_shards
 from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource, Item
 from dho_pipeline.data.splits import assign_splits
+from dho_pipeline.errors import CheckpointError
 from dho_pipeline.store.report import summarize
 from dho_pipeline.teacher.templates import TEMPLATES
 from dho_pipeline.teacher.tiny_clip import pretrain_tiny_clip
@@ -162,8 +163,14 @@ def experiment_config(folder: Path, shards: Path, teacher: Path, setting: Settin
     return path
 
 
-def run(out: Path, plan: DemoPlan, log=print) -> dict:
-    """Run every setting of `plan` under `out`; returns (and writes) results.json, results.md and results.png."""
+def run(out: Path, plan: DemoPlan, log=print, retrain: bool = False) -> dict:
+    """Run every setting of `plan` under `out`; returns (and writes) results.json, results.md and results.png.
+
+    A call continues where an earlier one under `out` stopped: the teachers, shards and stores are reused, and
+    so is each run's last.pt, when the run's settings and inputs are still the same (train-student --resume
+    checks them): a finished run is kept, a stopped one goes on from its checkpoint. `retrain` trains every
+    run from the start. results.json's timings hold this call's work: a run continued or kept has none.
+    """
     out = Path(out).resolve()  # settings' pipeline.yaml files resolve relative paths from their own folder
     source = load_fashion_mnist()
     perm = np.random.default_rng(0).permutation(len(source.labels["train"]))
@@ -201,9 +208,9 @@ def run(out: Path, plan: DemoPlan, log=print) -> dict:
                 run_dir = folder / "runs" / f"{method}-seed{seed}"
                 overrides = METHOD_OVERRIDES[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"]
                 tick = time.perf_counter()
-                # A rerun of the demo trains (and times) every run again.
-                train_student.run(load_config(config, overrides), overwrite=True)
-                timings[f"{setting.name}/{method}/seed{seed}_s"] = time.perf_counter() - tick
+                if retrain or not continued(load_config(config, overrides), log):
+                    train_student.run(load_config(config, overrides), overwrite=True)
+                    timings[f"{setting.name}/{method}/seed{seed}_s"] = time.perf_counter() - tick
                 result = evaluate.run(run_dir / "final.pt")
                 accuracy[method].append(result["combined_searched"])  # what it deploys (CE head if single)
                 log(f"{setting.name} {method} seed {seed}: test top-1 {accuracy[method][-1]:.4f}")
@@ -225,6 +232,21 @@ def run(out: Path, plan: DemoPlan, log=print) -> dict:
     (out / "results.md").write_text(results_table(results))
     plot(results, out / "results.png")
     return results
+
+
+def continued(cfg: PipelineConfig, log=print) -> bool:
+    """Continue the run of `cfg` from the last.pt an earlier call left in its folder (a finished run: its
+    final.pt again); False when there is none to continue, or it was trained otherwise (the plan changed)."""
+    last = cfg.path(cfg.train.out_dir) / "last.pt"
+    if not last.exists():
+        return False
+    try:
+        train_student.run(cfg, resume=True)
+    except (train_student.ResumeMismatch, CheckpointError) as e:
+        log(f"training {last.parent} again: {e}")
+        return False
+    log(f"continued {last.parent} from an earlier call's last.pt")
+    return True
 
 
 def results_table(results: dict) -> str:

@@ -13,8 +13,6 @@ that stop being finite end the run at that step, before any checkpoint holds the
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import signal
 import time
@@ -119,7 +117,7 @@ class RunContext:
     @property
     def shards_fingerprint(self) -> str:
         """A hash of every shard's name, rows and sha256: the same data wherever the shards are."""
-        return hashlib.sha256(json.dumps(self.manifest.fingerprint()).encode()).hexdigest()[:16]
+        return self.manifest.fingerprint_hash()
 
 
 @dataclass

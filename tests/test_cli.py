@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from click.testing import CliRunner
 
 from dho_pipeline.cli import main
 from stages import demo
+from stages.train_student import TrainingStopped
 from tests.conftest import one_line_error
 
 
@@ -18,6 +21,17 @@ def test_help_lists_every_command():
         assert f"  {command} " in result.output, command
     cache = CliRunner().invoke(main, ["cache", "--help"])
     assert "inspect" in cache.output and "list" in cache.output
+
+
+def test_a_demo_stopped_by_a_signal_says_how_to_continue_it(tmp_path, monkeypatch):
+    def stopped_by_ctrl_c(*_args, **_kwargs):
+        raise TrainingStopped("stopped at step 3: last.pt kept", signal.SIGINT)
+
+    monkeypatch.setattr(demo, "run", stopped_by_ctrl_c)
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "my out")])
+    assert result.exit_code == 128 + signal.SIGINT
+    again = f"dho demo --out '{tmp_path}/my out' --quick"
+    assert result.stderr == f"stopped at step 3: last.pt kept; continue with {again}\n"
 
 
 def test_a_bad_config_value_names_the_field_in_one_line(tmp_path):

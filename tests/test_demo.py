@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from stages.demo import METHODS, DemoPlan, Setting, TeacherRecipe, results_table, run
+from dho_pipeline.config import load_config
+from dho_pipeline.student.checkpoint import load_checkpoint
+from stages import train_student
+from stages.demo import METHOD_OVERRIDES, METHODS, DemoPlan, Setting, TeacherRecipe, results_table, run
 
 TINY = DemoPlan(
     settings=(Setting("4-shot", shots=4),
@@ -37,3 +41,29 @@ def test_tiny_demo_runs_every_method_and_writes_the_results(tmp_path, monkeypatc
     assert table == results_table(saved) and "| 4-shot Tip-Adapter | 40 | 3 |" in table and "—" in table
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list(tmp_path.glob("shards/*"))) == 1, "settings with one label budget share their shards"
+
+
+def test_a_second_call_continues_the_first_and_retrain_trains_every_run_again(tmp_path):
+    plan = replace(TINY, settings=TINY.settings[:1], methods=("ce_only", "dho"))
+    said: list[str] = []
+    first = run(tmp_path, plan, log=said.append)
+    runs = tmp_path / "4-shot" / "runs"
+    overrides = [*METHOD_OVERRIDES["dho"], "train.seed=0", f"train.out_dir={runs / 'dho-seed0'}"]
+    train_student.run(load_config(tmp_path / "4-shot" / "pipeline.yaml", overrides), overwrite=True, max_steps=2)
+    assert load_checkpoint(runs / "dho-seed0" / "last.pt")["step"] == 2  # a run stopped half-way
+
+    said.clear()
+    again = run(tmp_path, plan, log=said.append)
+    assert again["settings"] == first["settings"]  # the stopped run went on from step 2 to the same student
+    assert {f"continued {runs / m} from an earlier call's last.pt" for m in ("ce_only-seed0", "dho-seed0")} <= set(said)
+    assert not any("/seed0_s" in key for key in again["timings"]), again["timings"]
+
+    longer = run(tmp_path, replace(plan, steps=5), log=said.append)  # another plan: its runs train again
+    assert any(line.startswith(f"training {runs / 'dho-seed0'} again: ") and "train.steps 4 -> 5" in line
+               for line in said), said
+    assert {"4-shot/ce_only/seed0_s", "4-shot/dho/seed0_s"} <= set(longer["timings"])
+    assert load_checkpoint(runs / "dho-seed0" / "final.pt")["step"] == 5
+
+    retrained = run(tmp_path, replace(plan, steps=5), log=said.append, retrain=True)
+    assert {"4-shot/ce_only/seed0_s", "4-shot/dho/seed0_s"} <= set(retrained["timings"])
+    assert retrained["settings"] == longer["settings"]

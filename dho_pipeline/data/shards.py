@@ -89,6 +89,10 @@ class Manifest:
         """What the cached logits depend on from the data: every shard's name, size and hash."""
         return [[s.path.name, s.first_row, s.count, s.sha256] for s in self.shards()]
 
+    def fingerprint_hash(self) -> str:
+        """A short hash of the fingerprint: the same data wherever the shards are (checkpoints keep it)."""
+        return hashlib.sha256(json.dumps(self.fingerprint()).encode()).hexdigest()[:16]
+
     def check_files(self, shards: list[Shard]) -> None:
         """Cheap up-front check that `shards` are on disk at the size make-shards wrote (full hash: on read)."""
         for shard in shards:
