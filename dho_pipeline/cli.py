@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dho_pipeline.config import ConfigError, PipelineConfig, load_config
+from dho_pipeline.config import DEVICE_CHOICES, ConfigError, PipelineConfig, load_config
 from dho_pipeline.errors import human_bytes, warn
 from dho_pipeline.locations import Location, UrlPath, is_url
 
@@ -114,7 +114,8 @@ existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Without a test part in SOURCE: test images per class carved from training images. "
                    "With one: keep at most this many test images per class.")
 @click.option("--max-train-per-class", type=click.IntRange(min=1), default=None,
-              help="Use at most this many training images per class (small experiments).")
+              help="Use at most this many training images per class for labelled + unlabelled, and "
+                   "--val-per-class more for val (small experiments).")
 @click.option("--split-file", type=existing_file,
               help="A CoOp / Tip-Adapter split JSON over the images under SOURCE: its train, val and test, "
                    "--shots K per class drawn from train as they draw them (the rest unlabelled), min(K, 4) from val.")
@@ -327,7 +328,7 @@ def cache_verify(store: Location, repair: bool, config: Path | None, overrides: 
     checks again. The config must describe the store (same teacher, views and shards).
     """
     from dho_pipeline.store.report import verify
-    from dho_pipeline.store.zarr_store import TeacherStore
+    from dho_pipeline.store.zarr_store import StoreMismatch, TeacherStore
 
     if repair:
         if config is None:
@@ -335,7 +336,12 @@ def cache_verify(store: Location, repair: bool, config: Path | None, overrides: 
         from stages import cache_teacher
 
         where = store if isinstance(store, UrlPath) else store.resolve()
-        cache_teacher.run(_config(config, (*overrides, f"cache.store={where}")))
+        try:
+            cache_teacher.run(_config(config, (*overrides, f"cache.store={where}")))
+        except StoreMismatch as e:  # not cache-teacher's advice: --overwrite would throw the store's shards away
+            raise StoreMismatch.of(e.path, e.fields, "--repair recomputes shards as the store made them: give the "
+                                   "config it was made with (each field above at the store's value, e.g. with "
+                                   "--set)") from None
     report = verify(TeacherStore.open(store), progress=not as_json)
     if as_json:
         click.echo(json.dumps(report, indent=1))
@@ -402,11 +408,13 @@ def cache_list(config: Path | None, root: Location | None) -> None:
 
 @main.command("train-student")
 @experiment_options
-@click.option("--resume", is_flag=True, help="Continue from train.out_dir/last.pt when it exists.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in train.out_dir from its last.pt (refused when there is no run to continue).")
 @click.option("--overwrite", is_flag=True,
               help="Start over in a train.out_dir that holds a run: remove its checkpoints, metrics and events first.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
-              help="Stop after this many steps (a checkpoint is saved); continue later with --resume.")
+              help="Stop after this many more steps (counted from the step a --resume starts at), with a "
+                   "checkpoint; continue later with --resume.")
 def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool, overwrite: bool,
                   max_steps: int | None) -> None:
     """Train the dual-head student from the cached teacher logits.
@@ -425,12 +433,21 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
     try:
         out = stage.run(_config(config, overrides), resume=resume, overwrite=overwrite, max_steps=max_steps)
     except stage.TrainingStopped as stopped:  # Ctrl-C or SIGTERM: not a failure, but the run is not done
-        again = ["dho", "train-student", *(["-c", str(config)] if config else []),
-                 *(arg for override in overrides for arg in ("--set", override)), "--resume"]
-        click.echo(f"{stopped}; continue with {shlex.join(again)}", err=True)
+        click.echo(f"{stopped}; continue with {_resume_command(config, overrides)}", err=True)
         raise SystemExit(128 + stopped.signal_number) from None
-    if _is_main_process():  # rank 0 alone reads final.pt
-        click.echo(f"run: {out}{stage.final_summary(out)}")
+    if _is_main_process():  # rank 0 alone reads the checkpoints
+        stopped_at = stage.stopped_at(out)
+        if stopped_at:
+            click.echo(f"run: {out}  (stopped at step {stopped_at} by --max-steps; continue with "
+                       f"{_resume_command(config, overrides)})")
+        else:
+            click.echo(f"run: {out}{stage.final_summary(out)}")
+
+
+def _resume_command(config: Path | None, overrides: tuple[str, ...]) -> str:
+    """The train-student command line that continues a stopped run of `config` with `overrides`."""
+    return shlex.join(["dho", "train-student", *(["-c", str(config)] if config else []),
+                       *(arg for override in overrides for arg in ("--set", override)), "--resume"])
 
 
 @main.command("evaluate")
@@ -439,13 +456,14 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
               help="An extra test set (repeatable): a folder of make-shards, e.g. --shards sketch=shards/sketch "
                    "(its test split; a --test-only set is scored over its classes only), or tar files, e.g. "
                    "--shards sketch='ood/sketch-*.tar' (every class).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--device", default="auto", show_default=True, help=f"Where the student runs: {DEVICE_CHOICES}.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: bool) -> None:
     """Search alpha/beta on val and report test top-1 of each head, both combinations and the teacher.
 
     The combination is p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta); alpha in 0..1 by 0.05
-    and beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4} by default (eval section of pipeline.yaml).
+    and beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4} by default (the eval section of the run's config, as final.pt
+    recorded it).
 
     \b
     A set made with `make-shards --test-only` (ImageNet-R, -A, -Sketch, -V2, ...) covers some of the
@@ -481,8 +499,9 @@ def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: boo
 @main.command("predict")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many classes to print for each image, the most probable first.")
+@click.option("--device", default="auto", show_default=True, help=f"Where the student runs: {DEVICE_CHOICES}.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: image -> [[class, prob], ...].")
 def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str, as_json: bool) -> None:
     """Classify IMAGES with a trained student (both heads combined with its stored alpha/beta)."""
@@ -567,9 +586,10 @@ def plot(runs: tuple[Path, ...], out: Path) -> None:
 def demo(out: Path, quick: bool, retrain: bool) -> None:
     """Run the whole pipeline on Fashion-MNIST offline and print an accuracy table.
 
-    Pretrains a tiny CLIP teacher on half of the training images, then for each label budget makes
-    shards, caches the teacher and trains CE-only, single-head KD, DHO (cached) and DHO (online teacher)
-    students. Writes OUT/results.json, OUT/results.md and OUT/results.png.
+    Pretrains tiny CLIP teachers on half of the training images, then for each setting (a label budget and
+    a teacher) makes shards, caches the teacher and trains its students: CE-only, single-head KD, DHO
+    (cached) and DHO (online teacher), or the subset the plan gives the setting (stages/demo.py). --quick
+    runs one 4-shot setting with all four. Writes OUT/results.json, OUT/results.md and OUT/results.png.
 
     A stopped demo continues where it stopped when called again with the same OUT: the teacher, shards,
     stores and finished runs are reused, and a stopped run goes on from its last checkpoint.

@@ -83,7 +83,7 @@ class CacheConfig:
 class StudentConfig:
     kind: Literal["timm", "open_clip"] = "timm"
     model: str = "resnet18"
-    pretrained_file: str | None = None  # local weights; None = random init (timm) / teacher file (open_clip)
+    pretrained_file: str | None = None  # local weights; None = random init (open_clip: text tower too)
     image_size: int | None = None  # None = the model's own default input size
     image_mean: list[float] | None = None
     image_std: list[float] | None = None

@@ -236,6 +236,10 @@ def setup_teacher(ctx: RunContext) -> Teacher | None:
 def setup_student(ctx: RunContext) -> Student:
     """The student seeded with train.seed on the device, AdamW, the lr schedule and the fp16 grad scaler."""
     cfg, tc, device = ctx.cfg, ctx.cfg.train, ctx.runtime.device
+    if cfg.student.kind == "open_clip" and not cfg.student.pretrained_file and ctx.runtime.is_main:
+        warn(f"student.kind open_clip without student.pretrained_file: the {cfg.student.model} image tower starts "
+             "random and both heads start from a random text tower's class embeddings; give the CLIP weights "
+             "file as student.pretrained_file (DHO's recipe distils into a pretrained CLIP)")
     torch.manual_seed(tc.seed)
     templates = resolve_templates(cfg.teacher.templates, cfg.teacher.extra_templates)
     model, data = build_student(cfg.student, ctx.manifest.class_names, templates, cfg.base_dir)
@@ -595,6 +599,14 @@ def save_final(ctx: RunContext, student: Student, checkpoints: Checkpoints) -> N
             val_top1 = accuracy(out.ce, out.labels)
     checkpoints.save(student, ctx.total_steps, checkpoints.out_dir / "final.pt", alpha=alpha, beta=beta,
                      method=tc.method, val_top1=val_top1)
+
+
+def stopped_at(out_dir: Path) -> str | None:
+    """'76 of 200' when the run in `out_dir` stopped before its last step (last.pt, no final.pt), else None."""
+    if (out_dir / "final.pt").is_file() or not (out_dir / "last.pt").is_file():
+        return None
+    state = load_checkpoint(out_dir / "last.pt")
+    return f"{state['step']} of {state['total_steps']}"
 
 
 def final_summary(out_dir: Path) -> str:

@@ -155,16 +155,25 @@ def test_safetensors_backbone_loads_in_timm_and_holds_both_heads(dho_run, test_i
 
 
 def test_an_open_clip_student_exports_to_onnx_and_torchscript(cached_store, shards_dir, teacher_file, test_images,
-                                                              tmp_path):
+                                                              tmp_path, capsys):
     config = train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=2)
     student = f"student.kind=open_clip student.model=dho-tiny-clip student.pretrained_file={teacher_file}"
     run = train_student.run(load_config(config, student.split()))
+    assert "student.pretrained_file" not in capsys.readouterr().err  # its weights given: no warning
     for description in check_exports_predict_as_dho_predict(run, ["onnx", "torchscript"], test_images,
                                                              tmp_path).values():
         assert description["model_kind"] == "open_clip"
     result = CliRunner().invoke(main, ["export", str(run / "final.pt"), "--format", "safetensors",
                                        "--out", str(tmp_path / "clip.safetensors")])
     one_line_error(result, str(run / "final.pt"), "timm students")
+
+
+def test_an_open_clip_student_without_its_weights_is_warned_about(cached_store, shards_dir, teacher_file, tmp_path,
+                                                                 capsys):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store, steps=1)
+    train_student.run(load_config(config, ["student.kind=open_clip", "student.model=dho-tiny-clip"]))
+    assert ("warning: student.kind open_clip without student.pretrained_file: the dho-tiny-clip image tower starts "
+            "random") in capsys.readouterr().err
 
 
 @pytest.mark.reliability

@@ -115,6 +115,10 @@ def test_verify_repair_recomputes_a_lost_mark_and_a_lost_checksum(store_copy, ca
     assert report["damaged"] == {shards[7].name: "array 'checksums': chunk missing"}
     usage = dho("cache", "verify", store, "--repair")
     assert usage.exit_code == 2 and "-c" in usage.output
+    other = dho("cache", "verify", store, "--repair", "-c", config, "--set", "views.count=5")
+    one_line_error(other, "fields that differ: views.count: store 3 vs config 5", "--repair recomputes shards as "
+                   "the store made them: give the config it was made with")
+    assert "--overwrite" not in other.output  # which would throw away the store's shards
     repaired = dho("cache", "verify", store, "--repair", "-c", config)
     assert repaired.exit_code == 0 and "0 damaged, 0 not computed yet" in repaired.output, repaired.output
     assert_same_store(store, cached_store)

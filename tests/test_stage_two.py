@@ -125,9 +125,14 @@ def test_stop_and_resume_gives_the_same_metrics(cached_store, shards_dir, teache
     runner = CliRunner()
     first = runner.invoke(main, ["train-student", "-c", str(config), "--max-steps", "5"])
     assert first.exit_code == 0, first.output
+    assert first.stdout == (f"run: {tmp_path / 'resumed'}  (stopped at step 5 of 12 by --max-steps; continue with "
+                            f"dho train-student -c {config} --resume)\n")
     assert not (tmp_path / "resumed" / "final.pt").exists()
+    more = runner.invoke(main, ["train-student", "-c", str(config), "--resume", "--max-steps", "2"])  # 2 more
+    assert "(stopped at step 7 of 12 by --max-steps;" in more.stdout, more.output
     second = runner.invoke(main, ["train-student", "-c", str(config), "--resume"])
     assert second.exit_code == 0, second.output
+    assert second.stdout.startswith(f"run: {tmp_path / 'resumed'}  (val top-1 "), second.output
     assert losses(tmp_path / "resumed") == losses(whole)
     a = load_checkpoint(whole / "final.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "final.pt")["model"]
@@ -185,7 +190,9 @@ def test_a_run_that_outlasts_the_stores_views_is_warned(method, steps, warned, c
 
 def test_train_student_refuses_a_store_of_other_views(cached_store, shards_dir, teacher_file, tmp_path):
     cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store), ["views.count=5"])
-    with pytest.raises(ValueError, match=r"fields that differ: views\.count: store 3 vs config 5$"):
+    with pytest.raises(ValueError, match=r"fields that differ: views\.count: store 3 vs config 5\. Give the "
+                                         r"settings the store was made with, or make a store for these with "
+                                         r"`dho cache-teacher`\.$"):
         find_store(cfg, load_manifest(shards_dir))
 
 

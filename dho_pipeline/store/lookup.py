@@ -130,7 +130,8 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
         store = TeacherStore.open(cfg.location(cfg.cache.store))
         fields = _mismatch(store, expected)
         if fields:
-            raise StoreMismatch(f"{store.path}: made with other settings; fields that differ: {'; '.join(fields)}")
+            raise StoreMismatch.of(store.path, fields, "Give the settings the store was made with, or make a "
+                                                       "store for these with `dho cache-teacher`.")
         return store
     root = cfg.location(cfg.cache.root)
     candidates = []

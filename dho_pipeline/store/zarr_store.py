@@ -56,6 +56,13 @@ class StoreError(DhoError):
 class StoreMismatch(StoreError, ValueError):
     """An existing store was made from other settings than the ones asked for."""
 
+    @classmethod
+    def of(cls, path: object, fields: list[str], remedy: str) -> StoreMismatch:
+        """The error naming each differing field with both values (described_diff), then what to do."""
+        error = cls(f"{path}: made with other settings; fields that differ: {'; '.join(fields)}. {remedy}")
+        error.path, error.fields = path, fields
+        return error
+
 
 def fingerprint_hash(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
@@ -322,10 +329,8 @@ class TeacherStore:
         """Raise StoreMismatch naming every field where this store differs from `expected`, with both values."""
         fields = described_diff(self.fingerprint, expected)
         if fields:
-            raise StoreMismatch(
-                f"{self.path}: made with other settings; fields that differ: {'; '.join(fields)}. "
-                "Use another cache.store, or rerun `dho cache-teacher --overwrite` to replace it."
-            )
+            raise StoreMismatch.of(self.path, fields, "Use another cache.store, or rerun `dho cache-teacher "
+                                                      "--overwrite` to replace it.")
 
     def shards(self) -> list[StoreShard]:
         """Every shard of the store's fingerprint, in row order, with its split."""
