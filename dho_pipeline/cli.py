@@ -218,6 +218,10 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         remedy = "give a split file with val entries" if split_file else "add --val-per-class N"
         warn(f"no val split: train-student's DHO keeps the default alpha/beta (eval.default_alpha, "
              f"eval.default_beta) instead of searching them on val, and logs no val accuracy; {remedy}")
+    if not test_only and not manifest.split_count("test"):
+        remedy = "give a split file with test entries" if split_file else (
+            "add --test-per-class N (carved from the training images when SOURCE has no test part)")
+        warn(f"no test split: dho evaluate will have no test images to score; {remedy}")
 
 
 @main.command("cache-teacher")

@@ -6,6 +6,7 @@ import collections
 import functools
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -124,7 +125,9 @@ def test_shards_and_store_on_s3_train_the_same_student(bucket, fmnist, shards_di
     assert uploaded.exit_code == 0, uploaded.output
     remote = load_manifest(f"{bucket}/shards")
     assert [(s.name, s.sha256) for s in remote.shards()] == [(s.name, s.sha256) for s in manifest.shards()]
-    assert CliRunner().invoke(main, ["cache", "copy", str(cached_store), f"{bucket}/store.zarr"]).exit_code == 0
+    copied = CliRunner().invoke(main, ["cache", "copy", str(cached_store), f"{bucket}/store.zarr"])
+    assert copied.exit_code == 0, copied.output
+    assert re.search(r"copied \d+ shards \([\d.]+ KiB uncompressed\)", copied.stdout), copied.stdout
 
     local = train_student.run(load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store, "local",
                                                        steps=3, log_every=1), ["data.num_workers=1"]))

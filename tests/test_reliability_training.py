@@ -80,7 +80,8 @@ def image_file(fmnist, tmp_path) -> Path:
     ("text", "not a readable checkpoint"),
     ("truncated", "not a readable checkpoint"),
     ("state dict", "not a train-student checkpoint (it lacks model, optimizer"),
-    ("unfinished run", "a checkpoint of an unfinished run"),
+    ("last.pt", "a training checkpoint (last.pt), without the alpha and beta a finished run picks on val: use the "
+                "run's final.pt (/"),  # its path follows
     ("runs code", "refused: loading it would call posix.mkdir"),
 ])
 def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(command, damage, says, uninterrupted, teacher_file,
@@ -101,6 +102,15 @@ def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(command, damage, s
     result = CliRunner().invoke(main, [command, str(bad), *images])
     one_line_error(result, str(bad), says)
     assert not (tmp_path / "ran").exists()
+
+
+def test_the_last_pt_of_an_unfinished_run_is_refused_with_how_to_finish_it(uninterrupted, tmp_path):
+    last = tmp_path / "stopped" / "last.pt"
+    last.parent.mkdir()
+    shutil.copy(uninterrupted / "last.pt", last)
+    result = CliRunner().invoke(main, ["evaluate", str(last)])
+    one_line_error(result, f"{last}: a training checkpoint (last.pt)", "(this run has not finished: continue it "
+                   "with --resume)")
 
 
 @pytest.mark.parametrize(("content", "says"), [

@@ -78,7 +78,7 @@ def test_make_shards_cli(tmp_path):
     assert again.exit_code != 0 and "manifest.json exists" in again.output
 
 
-def test_make_shards_warns_when_it_writes_no_val_split(tmp_path):
+def test_make_shards_warns_when_it_writes_no_val_or_no_test_split(tmp_path):
     args = ["make-shards", "/usr/share/datasets/fashion-mnist", "--shots", "1", "--test-per-class", "1",
             "--max-train-per-class", "2"]
     without = CliRunner().invoke(main, [*args[:2], str(tmp_path / "a"), *args[2:]])
@@ -87,6 +87,13 @@ def test_make_shards_warns_when_it_writes_no_val_split(tmp_path):
     assert "add --val-per-class N" in without.stderr
     with_val = CliRunner().invoke(main, [*args[:2], str(tmp_path / "b"), *args[2:], "--val-per-class", "1"])
     assert with_val.exit_code == 0 and "warning" not in with_val.stderr, with_val.output
+    no_test = CliRunner().invoke(main, [*args[:2], str(tmp_path / "c"), "--shots", "1", "--max-train-per-class", "2",
+                                        "--val-per-class", "1", "--test-per-class", "0"])
+    assert no_test.exit_code == 0, no_test.output
+    assert no_test.stderr.endswith("\nwarning: no test split: dho evaluate will have no test images to score; add "
+                                   "--test-per-class N (carved from the training images when SOURCE has no test "
+                                   "part)\n"), no_test.stderr
+    assert no_test.stderr.count("warning: ") == 1, no_test.stderr
 
 
 def test_cached_logits_equal_teacher_on_replayed_view(cached_store, shards_dir, teacher_file, tmp_path):

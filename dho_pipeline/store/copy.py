@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from dho_pipeline.errors import human_bytes
 from dho_pipeline.locations import Location, location
 from dho_pipeline.store.lock import store_write_lock
 from dho_pipeline.store.zarr_store import NOT_DONE, StoreError, StoreShard, TeacherStore, interrupted_creation
@@ -29,12 +30,12 @@ class CopyReport:
     copied: int
     already_there: int
     not_computed: int
-    bytes_copied: int
+    bytes_copied: int  # of the arrays read, before the store's compression
     seconds: float
     fingerprint_hash: str
 
     def summary(self) -> str:
-        return (f"{self.destination}: copied {self.copied} shards ({self.bytes_copied / 1e6:.1f} MB) in "
+        return (f"{self.destination}: copied {self.copied} shards ({human_bytes(self.bytes_copied)} uncompressed) in "
                 f"{self.seconds:.1f} s, {self.already_there} already there, {self.not_computed} not computed in "
                 f"the source; fingerprint {self.fingerprint_hash[:12]} and done mask equal to {self.source}")
 

@@ -24,11 +24,18 @@ class TrainedStudent:
     checkpoint: dict
 
 
+def final_or_unfinished(path: Path) -> str:
+    """Where the final.pt beside the training checkpoint `path` is, or that its run has not finished."""
+    final = path.parent / "final.pt"
+    return f" ({final})" if final.is_file() else " (this run has not finished: continue it with --resume)"
+
+
 def load_student(path: Path, device: torch.device) -> TrainedStudent:
     """The model of a final.pt on `device`, in eval mode, with its alpha and beta."""
     ckpt = load_checkpoint(path)
     if "alpha" not in ckpt:
-        raise CheckpointError(f"{path}: a checkpoint of an unfinished run (no alpha/beta yet): use final.pt")
+        raise CheckpointError(f"{path}: a training checkpoint (last.pt), without the alpha and beta a finished run "
+                              f"picks on val: use the run's final.pt{final_or_unfinished(Path(path))}")
     cfg = StudentConfig(**ckpt["config"]["student"])
     cfg = dataclasses.replace(cfg, pretrained_file=None)  # the state dict below holds every weight
     model, _ = build_student(cfg, ckpt["class_names"], ckpt["config"]["teacher"]["extra_templates"] or None)
