@@ -367,8 +367,8 @@ def cache_copy(source: Location, destination: Location) -> None:
     """Copy the store SOURCE to DESTINATION: local folders and object-store URLs, either way.
 
     \b
-      dho cache copy cache/vit-l-14-3f07ca3dcc57.zarr s3://team-bucket/cache/vit-l-14-3f07ca3dcc57.zarr
-      dho cache copy s3://team-bucket/cache/vit-l-14-3f07ca3dcc57.zarr /scratch/cache/vit-l.zarr
+      dho cache copy cache/ViT-L-14-3f07ca3dcc57.zarr s3://team-bucket/cache/ViT-L-14-3f07ca3dcc57.zarr
+      dho cache copy s3://team-bucket/cache/ViT-L-14-3f07ca3dcc57.zarr /scratch/cache/vit-l.zarr
 
     Only shards the source has finished are copied, each verified against its checksums as it is read.
     Resumable: after a kill, the same command copies what is missing. At the end the destination must have

@@ -188,6 +188,13 @@ def test_store_lookup_under_cache_root_skips_and_names_a_broken_store(store_copy
     assert "skipping" in result.output and "junk.zarr" in result.output
 
 
+def test_a_folder_of_stores_given_as_a_store_is_named_with_its_stores(store_copy):
+    store, _ = store_copy
+    for command in (["cache", "inspect"], ["cache", "verify"]):
+        one_line_error(dho(*command, store.parent), f"{store.parent}: a folder of 1 teacher store(s), not a store: "
+                       f"name one (e.g. {store}), or list them with `dho cache list --root {store.parent}`")
+
+
 def _shards_and_teacher(config):
     cfg = load_config(config)
     return cfg.path(cfg.data.shards), cfg.path(cfg.teacher.pretrained)

@@ -281,6 +281,10 @@ class TeacherStore:
         """Open a finished store (folder or URL); anything else at `path` raises a StoreError that says what it is."""
         path = store_location(path)
         if not (path / "zarr.json").exists():
+            inside = [] if isinstance(path, UrlPath) and not path.writable else [s.name for s in stores_under(path)]
+            if inside:  # a cache root given where a store was meant
+                raise FileNotFoundError(f"{path}: a folder of {len(inside)} teacher store(s), not a store: name one "
+                                        f"(e.g. {path / inside[0]}), or list them with `dho cache list --root {path}`")
             raise FileNotFoundError(f"{path}: no teacher store here (run `dho cache-teacher` first)")
         try:
             group = _zarr_group(path, mode=mode)
