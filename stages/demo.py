@@ -240,12 +240,14 @@ def continued(cfg: PipelineConfig, log=print) -> bool:
     last = cfg.path(cfg.train.out_dir) / "last.pt"
     if not last.exists():
         return False
+    finished = (last.parent / "final.pt").exists()
     try:
         train_student.run(cfg, resume=True)
     except (train_student.ResumeMismatch, CheckpointError) as e:
         log(f"training {last.parent} again: {e}")
         return False
-    log(f"continued {last.parent} from an earlier call's last.pt")
+    log(f"kept {last.parent}, finished by an earlier call" if finished else
+        f"continued {last.parent} from the last.pt of an earlier call")
     return True
 
 
