@@ -21,7 +21,12 @@ import click
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--changed", multiple=True, help="A setting whose stages differ between the plans (repeatable).")
 def main(new: Path, reference: Path, changed: tuple[str, ...]) -> None:
-    new_t, ref_t = (json.loads(p.read_text())["timings"] for p in (new, reference))
+    results = {path: json.loads(path.read_text()) for path in (new, reference)}
+    for path, result in results.items():
+        if result.get("reused"):  # a call that continued an earlier one: its timings leave that work out
+            raise click.UsageError(f"{path} reused an earlier call's {', '.join(result['reused'])}: time a whole "
+                                   "call instead (dho demo --out on a new folder)")
+    new_t, ref_t = (results[path]["timings"] for path in (new, reference))
     shared = [k for k in new_t if k in ref_t and k != "total_s" and k.split("/")[0] not in changed]
     slowdown = sum(new_t[k] for k in shared) / sum(ref_t[k] for k in shared)
     click.echo(json.dumps({

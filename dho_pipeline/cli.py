@@ -344,7 +344,7 @@ def cache_verify(store: Location, repair: bool, config: Path | None, overrides: 
             cache_teacher.run(_config(config, (*overrides, f"cache.store={where}")))
         except StoreMismatch as e:  # not cache-teacher's advice: --overwrite would throw the store's shards away
             raise StoreMismatch.of(e.path, e.fields, "--repair recomputes shards as the store made them: give the "
-                                   "config it was made with (each field above at the store's value, e.g. with "
+                                   "config it was made with (each field named at the store's value, e.g. with "
                                    "--set)") from None
     report = verify(TeacherStore.open(store), progress=not as_json)
     if as_json:
@@ -449,9 +449,16 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
 
 
 def _resume_command(config: Path | None, overrides: tuple[str, ...]) -> str:
-    """The train-student command line that continues a stopped run of `config` with `overrides`."""
-    return shlex.join(["dho", "train-student", *(["-c", str(config)] if config else []),
-                       *(arg for override in overrides for arg in ("--set", override)), "--resume"])
+    """The command line that continues a stopped run of `config` with `overrides`: under torchrun, the same
+    launch (last.pt holds every rank's state, so it resumes with as many processes)."""
+    args = ["train-student", *(["-c", str(config)] if config else []),
+            *(arg for override in overrides for arg in ("--set", override)), "--resume"]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return shlex.join(["dho", *args])
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size:  # one node
+        return shlex.join(["torchrun", "--nproc_per_node", str(world_size), "-m", "dho_pipeline.cli", *args])
+    return f"the same torchrun launch ({world_size} processes) of dho_pipeline.cli {shlex.join(args)}"
 
 
 @main.command("evaluate")

@@ -38,6 +38,7 @@ class MetricsLog:
             return None
 
     def write(self, record: dict) -> None:
+        """Append `record` as one line (and its numbers to TensorBoard); a full disk raises DiskFull naming the file."""
         if not self.enabled:
             return
         try:
@@ -51,5 +52,6 @@ class MetricsLog:
             self.tensorboard.write(record)
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any."""
         if self.tensorboard is not None:
             self.tensorboard.close()

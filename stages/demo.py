@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource, Item
 from dho_pipeline.data.splits import assign_splits
 from dho_pipeline.errors import CheckpointError
 from dho_pipeline.store.report import summarize
+from dho_pipeline.store.zarr_store import stores_under
 from dho_pipeline.teacher.templates import TEMPLATES
 from dho_pipeline.teacher.tiny_clip import pretrain_tiny_clip
 from stages import cache_teacher, evaluate, train_student
@@ -163,30 +165,41 @@ def experiment_config(folder: Path, shards: Path, teacher: Path, setting: Settin
     return path
 
 
-def run(out: Path, plan: DemoPlan, log=print, retrain: bool = False) -> dict:
+def run(out: Path, plan: DemoPlan, log: Callable[[str], None] = print, retrain: bool = False) -> dict:
     """Run every setting of `plan` under `out`; returns (and writes) results.json, results.md and results.png.
 
-    A call continues where an earlier one under `out` stopped: the teachers, shards and stores are reused, and
-    so is each run's last.pt, when the run's settings and inputs are still the same (train-student --resume
-    checks them): a finished run is kept, a stopped one goes on from its checkpoint. `retrain` trains every
-    run from the start. results.json's timings hold this call's work: a run continued or kept has none.
+    A call continues where an earlier one under `out` stopped: it reuses the teachers, shards and stores, keeps
+    each finished run and continues each stopped one from its last.pt, as long as the run's settings and inputs
+    are the same (train-student --resume checks them). `retrain` first removes every run's files, so each trains
+    from the start (and a retrain stopped half-way leaves no earlier run to keep). results.json lists what was
+    reused; its timings cover the work this call did.
     """
     out = Path(out).resolve()  # settings' pipeline.yaml files resolve relative paths from their own folder
     source = load_fashion_mnist()
     perm = np.random.default_rng(0).permutation(len(source.labels["train"]))
     teacher_pool, student_pool = perm[: plan.teacher_pool], perm[plan.teacher_pool:]
+    settings = [each.resolved(plan) for each in plan.settings]
+    if retrain:
+        for setting in settings:
+            for method, seed in setting_runs(setting, plan):
+                for path in train_student.run_files(run_folder(out, setting, method, seed)):
+                    path.unlink()
     timings: dict[str, float] = {}
+    reused: list[str] = []
     started = time.perf_counter()
 
     teachers = {}
     for name, recipe in plan.teachers.items():
-        tick = time.perf_counter()
+        tick, made = time.perf_counter(), not teacher_file(out, name, recipe).exists()
         teachers[name] = teacher_checkpoint(source, teacher_pool, name, recipe, out, log)
-        timings[f"teacher_pretraining_{name}_s"] = time.perf_counter() - tick
+        if made:
+            timings[f"teacher_pretraining_{name}_s"] = time.perf_counter() - tick
+        else:
+            reused.append(f"teacher {name}")
 
     train_items = [Item(("train", int(i)), int(source.labels["train"][i])) for i in np.sort(student_pool)]
-    results: dict = {"plan": asdict(plan), "settings": {}, "timings": timings}
-    for setting in (each.resolved(plan) for each in plan.settings):
+    results: dict = {"plan": asdict(plan), "settings": {}, "timings": timings, "reused": reused}
+    for setting in settings:
         log(f"== {setting.name}")
         shards = out / "shards" / setting.budget
         if not (shards / MANIFEST).exists():
@@ -195,25 +208,27 @@ def run(out: Path, plan: DemoPlan, log=print, retrain: bool = False) -> dict:
                                    test_per_class=plan.test_per_class,
                                    max_train_per_class=plan.unlabelled_per_class, seed=1)
             write_shards(source, splits, shards, shard_size=1000)
-        folder = out / setting.folder
-        config = experiment_config(folder, shards, teachers[setting.teacher], setting, plan)
-        tick = time.perf_counter()
+        config = experiment_config(out / setting.folder, shards, teachers[setting.teacher], setting, plan)
+        tick, earlier_stores = time.perf_counter(), {str(path) for path in stores_under(out / "cache")}
         store = cache_teacher.run(load_config(config)).path
-        timings[f"{setting.name}/cache_teacher_s"] = time.perf_counter() - tick
+        if str(store) in earlier_stores:
+            reused.append(f"{setting.name} store")
+        else:
+            timings[f"{setting.name}/cache_teacher_s"] = time.perf_counter() - tick
         report = summarize(store)
-        accuracy = {"teacher": [report["teacher_accuracy"]["test"]]}
-        for method in setting.methods:
-            accuracy[method] = []
-            for seed in setting.seeds[:1] if method in plan.one_seed_methods else setting.seeds:
-                run_dir = folder / "runs" / f"{method}-seed{seed}"
-                overrides = METHOD_OVERRIDES[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"]
+        accuracy: dict[str, list[float]] = {"teacher": [report["teacher_accuracy"]["test"]]}
+        for method, seed in setting_runs(setting, plan):
+            run_dir, name = run_folder(out, setting, method, seed), f"{setting.name}/{method}/seed{seed}"
+            overrides = METHOD_OVERRIDES[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"]
+            if continue_earlier_run(load_config(config, overrides), log):
+                reused.append(name)
+            else:
                 tick = time.perf_counter()
-                if retrain or not continued(load_config(config, overrides), log):
-                    train_student.run(load_config(config, overrides), overwrite=True)
-                    timings[f"{setting.name}/{method}/seed{seed}_s"] = time.perf_counter() - tick
-                result = evaluate.run(run_dir / "final.pt")
-                accuracy[method].append(result["combined_searched"])  # what it deploys (CE head if single)
-                log(f"{setting.name} {method} seed {seed}: test top-1 {accuracy[method][-1]:.4f}")
+                train_student.run(load_config(config, overrides), overwrite=True)
+                timings[f"{name}_s"] = time.perf_counter() - tick
+            result = evaluate.run(run_dir / "final.pt")
+            accuracy.setdefault(method, []).append(result["combined_searched"])  # what it deploys
+            log(f"{setting.name} {method} seed {seed}: test top-1 {accuracy[method][-1]:.4f}")
         zero_shot = report["teacher_zero_shot_accuracy"]["test"]  # None: the teacher is zero-shot
         results["settings"][setting.name] = {
             "accuracy": {m: float(np.mean(v)) for m, v in accuracy.items()},
@@ -234,20 +249,33 @@ def run(out: Path, plan: DemoPlan, log=print, retrain: bool = False) -> dict:
     return results
 
 
-def continued(cfg: PipelineConfig, log=print) -> bool:
-    """Continue the run of `cfg` from the last.pt an earlier call left in its folder (a finished run: its
-    final.pt again); False when there is none to continue, or it was trained otherwise (the plan changed)."""
-    last = cfg.path(cfg.train.out_dir) / "last.pt"
-    if not last.exists():
+def setting_runs(setting: Setting, plan: DemoPlan) -> list[tuple[str, int]]:
+    """The (method, seed) runs of a resolved setting, in order: the first seed only for plan.one_seed_methods."""
+    return [(method, seed) for method in setting.methods
+            for seed in (setting.seeds[:1] if method in plan.one_seed_methods else setting.seeds)]
+
+
+def run_folder(out: Path, setting: Setting, method: str, seed: int) -> Path:
+    """Where the run of `method` and `seed` in `setting` keeps its checkpoints and metrics."""
+    return out / setting.folder / "runs" / f"{method}-seed{seed}"
+
+
+def continue_earlier_run(cfg: PipelineConfig, log: Callable[[str], None] = print) -> bool:
+    """Keep or continue the run an earlier call left in cfg's train.out_dir: a finished one is kept, a stopped one
+    goes on from its last.pt. False when there is no last.pt, or the run was trained otherwise (the plan changed)."""
+    folder = cfg.path(cfg.train.out_dir)
+    finished = (folder / "final.pt").exists()
+    if not (folder / "last.pt").exists():
+        if finished:
+            log(f"training {folder} again: it holds final.pt but no last.pt to check its settings against")
         return False
-    finished = (last.parent / "final.pt").exists()
     try:
         train_student.run(cfg, resume=True)
     except (train_student.ResumeMismatch, CheckpointError) as e:
-        log(f"training {last.parent} again: {e}")
+        log(f"training {folder} again: {e}")
         return False
-    log(f"kept {last.parent}, finished by an earlier call" if finished else
-        f"continued {last.parent} from the last.pt of an earlier call")
+    log(f"kept {folder}, finished by an earlier call" if finished else
+        f"continued {folder} from the last.pt of an earlier call")
     return True
 
 

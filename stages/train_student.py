@@ -161,6 +161,10 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
     checkpoints.online_teacher = teacher.fingerprint if teacher else None
     student = setup_student(ctx)
     start_step = checkpoints.restore(student) if resume else 0
+    if start_step == ctx.total_steps and (checkpoints.out_dir / "final.pt").exists():
+        return checkpoints.out_dir  # a finished run resumed: nothing left to train, and final.pt is its own
+    if start_step == 0:
+        warn_if_clip_student_starts_random(ctx)
     metrics = MetricsLog(checkpoints.out_dir / "metrics.jsonl", start_step, ctx.runtime.is_main, cfg.train.tensorboard)
     feed = setup_loaders(ctx, teacher, student.data, start_step)
     stop = ctx.total_steps if max_steps is None else min(ctx.total_steps, start_step + max_steps)
@@ -236,10 +240,6 @@ def setup_teacher(ctx: RunContext) -> Teacher | None:
 def setup_student(ctx: RunContext) -> Student:
     """The student seeded with train.seed on the device, AdamW, the lr schedule and the fp16 grad scaler."""
     cfg, tc, device = ctx.cfg, ctx.cfg.train, ctx.runtime.device
-    if cfg.student.kind == "open_clip" and not cfg.student.pretrained_file and ctx.runtime.is_main:
-        warn(f"student.kind open_clip without student.pretrained_file: the {cfg.student.model} image tower starts "
-             "random and both heads start from a random text tower's class embeddings; give the CLIP weights "
-             "file as student.pretrained_file (DHO's recipe distils into a pretrained CLIP)")
     torch.manual_seed(tc.seed)
     templates = resolve_templates(cfg.teacher.templates, cfg.teacher.extra_templates)
     model, data = build_student(cfg.student, ctx.manifest.class_names, templates, cfg.base_dir)
@@ -250,6 +250,15 @@ def setup_student(ctx: RunContext) -> Student:
     scheduler = make_scheduler(optimizer, ctx.total_steps, tc.warmup, tc.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
     return Student(model, data, optimizer, scheduler, scaler)
+
+
+def warn_if_clip_student_starts_random(ctx: RunContext) -> None:
+    """An open_clip student without its CLIP weights starts from random towers: almost never what is meant."""
+    student = ctx.cfg.student
+    if student.kind == "open_clip" and not student.pretrained_file and ctx.runtime.is_main:
+        warn(f"student.kind open_clip without student.pretrained_file: the {student.model} image tower starts "
+             "random and both heads start from a random text tower's class embeddings; give the CLIP weights "
+             "file as student.pretrained_file (DHO's recipe distils into a pretrained CLIP)")
 
 
 class Checkpoints:
@@ -344,7 +353,7 @@ class Checkpoints:
                        for name in fingerprint_diff(then, online)]
         if state.get("shards_fingerprint", ctx.shards_fingerprint) != ctx.shards_fingerprint:
             differ.append(f"the shards ({state['shards']} -> {ctx.manifest.root}: other files)")
-        if state["store_fingerprint"] != ctx.store_fingerprint:
+        if state.get("store_fingerprint", ctx.store_fingerprint) != ctx.store_fingerprint:  # older: not kept
             differ.append(f"the teacher store ({state['store']} -> {ctx.store_path}: other logits)")
         if differ:
             raise ResumeMismatch(f"{self.last}: --resume with other settings than the run's (last.pt -> now): "
@@ -436,11 +445,8 @@ class StepFeed:
         self.data, self.tc, self.device = data, tc, device
 
     def close(self) -> None:
-        """Shut the loader workers down now, however training ended.
-
-        They ignore SIGTERM (see ignore_stop_signals), so they must not be left to multiprocessing's exit
-        handler, which terminates and then joins them: an error's traceback can keep the iterators, and with
-        them the workers, alive until then, and the process would never exit.
+        """Shut the loader workers down now, however training ended: an error's traceback could keep them
+        alive until exit, where workers deaf to SIGTERM would hold the process (dho_pipeline.data.loader_workers).
         """
         end_workers(self.labelled)
         end_workers(self.unlabelled)

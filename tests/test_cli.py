@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import torch
 from click.testing import CliRunner
@@ -96,3 +97,17 @@ def test_a_config_error_is_prefixed_once_by_where_the_value_came_from(tmp_path):
     result = CliRunner().invoke(main, ["train-student", "-c", str(config), "--set", "train.stpes=3"])
     assert "Error: --set train.stpes=3: unknown field (did you mean train.steps? known: " in result.output
     assert str(config) not in result.output
+
+
+def test_the_command_that_continues_a_stopped_run_is_the_launch_it_needs(monkeypatch):
+    from dho_pipeline.cli import _resume_command
+
+    args = (Path("p.yaml"), ("train.lr=0.1",))
+    assert _resume_command(*args) == "dho train-student -c p.yaml --set train.lr=0.1 --resume"
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun on one node: last.pt holds 4 ranks' states
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _resume_command(*args) == ("torchrun --nproc_per_node 4 -m dho_pipeline.cli train-student -c p.yaml "
+                                      "--set train.lr=0.1 --resume")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes
+    assert _resume_command(*args) == ("the same torchrun launch (4 processes) of dho_pipeline.cli train-student "
+                                      "-c p.yaml --set train.lr=0.1 --resume")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import yaml
+from click.testing import CliRunner
 
+from benchmarks.demo_time import main as demo_time
 from dho_pipeline.config import load_config
 from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import train_student
@@ -43,21 +47,25 @@ def test_tiny_demo_runs_every_method_and_writes_the_results(tmp_path, monkeypatc
     assert len(list(tmp_path.glob("shards/*"))) == 1, "settings with one label budget share their shards"
 
 
-def test_a_second_call_continues_the_first_and_retrain_trains_every_run_again(tmp_path):
+def test_a_second_call_continues_the_first_and_retrain_trains_every_run_again(tmp_path, monkeypatch):
     plan = replace(TINY, settings=TINY.settings[:1], methods=("ce_only", "dho"))
     said: list[str] = []
     first = run(tmp_path, plan, log=said.append)
+    assert first["reused"] == []
     runs = tmp_path / "4-shot" / "runs"
     overrides = [*METHOD_OVERRIDES["dho"], "train.seed=0", f"train.out_dir={runs / 'dho-seed0'}"]
     train_student.run(load_config(tmp_path / "4-shot" / "pipeline.yaml", overrides), overwrite=True, max_steps=2)
     assert load_checkpoint(runs / "dho-seed0" / "last.pt")["step"] == 2  # a run stopped half-way
+    finished = (runs / "ce_only-seed0" / "final.pt").read_bytes()
 
     said.clear()
     again = run(tmp_path, plan, log=said.append)
     assert again["settings"] == first["settings"]  # the stopped run went on from step 2 to the same student
     assert {f"kept {runs / 'ce_only-seed0'}, finished by an earlier call",
             f"continued {runs / 'dho-seed0'} from the last.pt of an earlier call"} <= set(said), said
-    assert not any("/seed0_s" in key for key in again["timings"]), again["timings"]
+    assert (runs / "ce_only-seed0" / "final.pt").read_bytes() == finished  # kept as it was
+    assert again["reused"] == ["teacher strong", "4-shot store", "4-shot/ce_only/seed0", "4-shot/dho/seed0"]
+    assert set(again["timings"]) == {"total_s"}  # the reused work has no time in this call
 
     longer = run(tmp_path, replace(plan, steps=5), log=said.append)  # another plan: its runs train again
     assert any(line.startswith(f"training {runs / 'dho-seed0'} again: ") and "train.steps 4 -> 5" in line
@@ -67,4 +75,30 @@ def test_a_second_call_continues_the_first_and_retrain_trains_every_run_again(tm
 
     retrained = run(tmp_path, replace(plan, steps=5), log=said.append, retrain=True)
     assert {"4-shot/ce_only/seed0_s", "4-shot/dho/seed0_s"} <= set(retrained["timings"])
+    assert retrained["reused"] == ["teacher strong", "4-shot store"]
     assert retrained["settings"] == longer["settings"]
+
+    def stopped_at_once(*_args, **_kwargs):
+        raise train_student.TrainingStopped("stopped at step 1: last.pt kept", signal.SIGINT)
+
+    monkeypatch.setattr(train_student, "run", stopped_at_once)  # Ctrl-C in a retrain's first run
+    with pytest.raises(train_student.TrainingStopped):
+        run(tmp_path, replace(plan, steps=5), log=said.append, retrain=True)
+    assert not list(runs.glob("*/*.pt")), "an earlier run left for the next call to keep as this plan's"
+
+
+def test_demo_time_refuses_a_results_file_that_reused_an_earlier_calls_work(tmp_path):
+    whole = {"timings": {"teacher_pretraining_strong_s": 100.0, "4-shot/cache_teacher_s": 10.0, "total_s": 150.0},
+             "reused": []}
+    continued = {"timings": {"total_s": 20.0}, "reused": ["teacher strong", "4-shot store"]}
+    files = {}
+    for name, result in {"whole": whole, "slower": {**whole, "timings": {k: 2 * v for k, v in
+                                                                        whole["timings"].items()}},
+                         "continued": continued}.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(result))
+    compared = CliRunner().invoke(demo_time, [str(files["slower"]), str(files["whole"])])
+    assert compared.exit_code == 0 and json.loads(compared.output)["new_machine_slowdown"] == 2.0, compared.output
+    refused = CliRunner().invoke(demo_time, [str(files["continued"]), str(files["whole"])])
+    assert refused.exit_code == 2
+    assert f"{files['continued']} reused an earlier call's teacher strong, 4-shot store" in refused.output

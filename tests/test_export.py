@@ -183,7 +183,7 @@ def test_bad_export_requests_are_one_line_naming_the_culprit(dho_run, tmp_path, 
 
     out = str(tmp_path / "student.onnx")
     one_line_error(dho_export(dho_run / "last.pt", "--format", "onnx", "--out", out), str(dho_run / "last.pt"),
-                   "use final.pt")
+                   f"use the run's final.pt ({dho_run / 'final.pt'})")
     missing = tmp_path / "no-such-folder"
     one_line_error(dho_export(dho_run / "final.pt", "--format", "onnx", "--out", str(missing / "s.onnx")),
                    str(missing))

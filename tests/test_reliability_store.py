@@ -188,11 +188,15 @@ def test_store_lookup_under_cache_root_skips_and_names_a_broken_store(store_copy
     assert "skipping" in result.output and "junk.zarr" in result.output
 
 
-def test_a_folder_of_stores_given_as_a_store_is_named_with_its_stores(store_copy):
-    store, _ = store_copy
-    for command in (["cache", "inspect"], ["cache", "verify"]):
-        one_line_error(dho(*command, store.parent), f"{store.parent}: a folder of 1 teacher store(s), not a store: "
-                       f"name one (e.g. {store}), or list them with `dho cache list --root {store.parent}`")
+def test_a_folder_of_stores_given_as_a_store_is_named_and_never_replaced(store_copy):
+    store, config = store_copy
+    as_store = ["--set", f"cache.store={store.parent}"]
+    for command in (["cache", "inspect", store.parent], ["cache", "verify", store.parent],
+                    ["cache", "verify", store.parent, "--repair", "-c", config],
+                    ["cache-teacher", "-c", config, *as_store, "--overwrite"]):  # it once removed every store
+        one_line_error(dho(*command), f"{store.parent}: a folder of stores (1 *.zarr), not a store: name one "
+                       f"(e.g. {store}), or list them with `dho cache list --root {store.parent}`")
+        assert (store / "zarr.json").is_file() and not (store.parent / "zarr.json").exists()
 
 
 def _shards_and_teacher(config):

@@ -80,7 +80,7 @@ def image_file(fmnist, tmp_path) -> Path:
     ("text", "not a readable checkpoint"),
     ("truncated", "not a readable checkpoint"),
     ("state dict", "not a train-student checkpoint (it lacks model, optimizer"),
-    ("last.pt", "a training checkpoint (last.pt), without the alpha and beta a finished run picks on val: use the "
+    ("last.pt", "a training checkpoint, without the alpha and beta a finished run picks on val: use the "
                 "run's final.pt (/"),  # its path follows
     ("runs code", "refused: loading it would call posix.mkdir"),
 ])
@@ -109,7 +109,7 @@ def test_the_last_pt_of_an_unfinished_run_is_refused_with_how_to_finish_it(unint
     last.parent.mkdir()
     shutil.copy(uninterrupted / "last.pt", last)
     result = CliRunner().invoke(main, ["evaluate", str(last)])
-    one_line_error(result, f"{last}: a training checkpoint (last.pt)", "(this run has not finished: continue it "
+    one_line_error(result, f"{last}: a training checkpoint,", "(this run has not finished: continue it "
                    "with --resume)")
 
 

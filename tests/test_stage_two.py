@@ -191,8 +191,8 @@ def test_a_run_that_outlasts_the_stores_views_is_warned(method, steps, warned, c
 def test_train_student_refuses_a_store_of_other_views(cached_store, shards_dir, teacher_file, tmp_path):
     cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store), ["views.count=5"])
     with pytest.raises(ValueError, match=r"fields that differ: views\.count: store 3 vs config 5\. Give the "
-                                         r"settings the store was made with, or make a store for these with "
-                                         r"`dho cache-teacher`\.$"):
+                                         r"settings the store was made with, or unset cache\.store \(or name "
+                                         r"another\) and make a store for these with `dho cache-teacher`\.$"):
         find_store(cfg, load_manifest(shards_dir))
 
 

@@ -130,8 +130,9 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
         store = TeacherStore.open(cfg.location(cfg.cache.store))
         fields = _mismatch(store, expected)
         if fields:
-            raise StoreMismatch.of(store.path, fields, "Give the settings the store was made with, or make a "
-                                                       "store for these with `dho cache-teacher`.")
+            raise StoreMismatch.of(store.path, fields, "Give the settings the store was made with, or unset "
+                                                       "cache.store (or name another) and make a store for these "
+                                                       "with `dho cache-teacher`.")
         return store
     root = cfg.location(cfg.cache.root)
     candidates = []

@@ -53,11 +53,16 @@ class StoreError(DhoError):
     """A store is missing, unreadable or damaged; the message names the store and, where known, array and shard."""
 
 
+class FolderOfStores(StoreError, FileNotFoundError):
+    """A folder that holds stores (a cache root) given where one store is meant; never replaced, not even
+    by --overwrite."""
+
+
 class StoreMismatch(StoreError, ValueError):
     """An existing store was made from other settings than the ones asked for."""
 
     @classmethod
-    def of(cls, path: object, fields: list[str], remedy: str) -> StoreMismatch:
+    def of(cls, path: Location | str, fields: list[str], remedy: str) -> StoreMismatch:
         """The error naming each differing field with both values (described_diff), then what to do."""
         error = cls(f"{path}: made with other settings; fields that differ: {'; '.join(fields)}. {remedy}")
         error.path, error.fields = path, fields
@@ -281,10 +286,13 @@ class TeacherStore:
         """Open a finished store (folder or URL); anything else at `path` raises a StoreError that says what it is."""
         path = store_location(path)
         if not (path / "zarr.json").exists():
-            inside = [] if isinstance(path, UrlPath) and not path.writable else [s.name for s in stores_under(path)]
+            try:
+                inside = [store.name for store in stores_under(path)]
+            except LocationError:  # a folder over https:// cannot be listed
+                inside = []
             if inside:  # a cache root given where a store was meant
-                raise FileNotFoundError(f"{path}: a folder of {len(inside)} teacher store(s), not a store: name one "
-                                        f"(e.g. {path / inside[0]}), or list them with `dho cache list --root {path}`")
+                raise FolderOfStores(f"{path}: a folder of stores ({len(inside)} *.zarr), not a store: name one (e.g. "
+                                     f"{path / inside[0]}), or list them with `dho cache list --root {path}`")
             raise FileNotFoundError(f"{path}: no teacher store here (run `dho cache-teacher` first)")
         try:
             group = _zarr_group(path, mode=mode)
@@ -317,6 +325,8 @@ class TeacherStore:
         if path.exists() or path.is_symlink():
             try:
                 store = cls.open(path, mode="a")
+            except FolderOfStores:
+                raise  # --overwrite would remove every store in it
             except (StoreError, FileNotFoundError) as e:
                 if not (overwrite or interrupted_creation(path)):
                     what = str(e) if isinstance(e, StoreError) else f"{path}: exists and is not a teacher store"
