@@ -277,6 +277,19 @@ def test_a_failed_run_leaves_no_loader_worker_behind_even_one_stuck_in_a_read(ca
     assert failure.value and not multiprocessing.active_children(), "workers ignore SIGTERM: they must be ended"
 
 
+def test_a_last_pt_written_before_store_fingerprints_still_resumes(cached_store, shards_dir, teacher_file,
+                                                                   uninterrupted, tmp_path):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    assert train(config, "--max-steps", "4").exit_code == 0
+    last = tmp_path / "run" / "last.pt"
+    state = load_checkpoint(last)
+    del state["store_fingerprint"]  # as train-student wrote it before it kept the store's fingerprint
+    torch.save(state, last)
+    resumed = train(config, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert metrics(tmp_path / "run") == metrics(uninterrupted)
+
+
 def test_resume_knows_the_teacher_by_its_contents_not_its_path(cached_store, shards_dir, teacher_file, uninterrupted,
                                                                 tmp_path):
     moved = tmp_path / "elsewhere" / teacher_file.name  # as on another machine
