@@ -271,7 +271,10 @@ def continue_earlier_run(cfg: PipelineConfig, log: Callable[[str], None] = print
         return False
     try:
         train_student.run(cfg, resume=True)
-    except (train_student.ResumeMismatch, CheckpointError) as e:
+    except train_student.ResumeMismatch as e:
+        log(f"training {folder} again: the plan changed since ({', '.join(e.differences)})")
+        return False
+    except CheckpointError as e:
         log(f"training {folder} again: {e}")
         return False
     log(f"kept {folder}, finished by an earlier call" if finished else

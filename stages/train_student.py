@@ -69,6 +69,10 @@ class NothingToResume(DhoError):
 class ResumeMismatch(DhoError):
     """--resume with settings that would continue the run as another one than it started as."""
 
+    def __init__(self, message: str, differences: list[str] | tuple[str, ...] = ()):
+        super().__init__(message)
+        self.differences = list(differences)  # each setting or input that differs, 'train.lr 0.001 -> 0.1'
+
 
 # Settings --resume takes changed, because the continued run computes the same with them. The rest must be the
 # run's: the data order (batch sizes, seed, data.num_workers: the stream splits batches over workers), the
@@ -358,7 +362,7 @@ class Checkpoints:
         if differ:
             raise ResumeMismatch(f"{self.last}: --resume with other settings than the run's (last.pt -> now): "
                                  f"{', '.join(sorted(differ))}; resume with the run's settings, or start a new run "
-                                 "with --overwrite or another train.out_dir")
+                                 "with --overwrite or another train.out_dir", sorted(differ))
 
     def save(self, student: Student, step: int, path: Path | None = None, **extra) -> None:
         """Write last.pt (or `path`) from rank 0, with every rank's RNG state and `extra` keys."""
