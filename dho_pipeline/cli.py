@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,7 +240,14 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
     """
     from stages import cache_teacher as stage
 
-    report = stage.run(_config(config, overrides), overwrite=overwrite, max_shards=max_shards)
+    cfg = _config(config, overrides)
+    try:
+        report = stage.run(cfg, overwrite=overwrite, max_shards=max_shards)
+    except KeyboardInterrupt:  # Ctrl-C: every finished shard is in the store, each checked when it is read
+        if _is_main_process():
+            click.echo("cache-teacher stopped (Ctrl-C); the store keeps every finished shard: continue with "
+                       f"{_command_line('cache-teacher', config, overrides)}", err=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     _echo_main(report.summary())
     _echo_main(f"store: {report.path}")
 
@@ -437,22 +445,23 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
     try:
         out = stage.run(_config(config, overrides), resume=resume, overwrite=overwrite, max_steps=max_steps)
     except stage.TrainingStopped as stopped:  # Ctrl-C or SIGTERM: not a failure, but the run is not done
-        click.echo(f"{stopped}; continue with {_resume_command(config, overrides)}", err=True)
+        click.echo(f"{stopped}; continue with {_command_line('train-student', config, overrides, '--resume')}",
+                   err=True)
         raise SystemExit(128 + stopped.signal_number) from None
     if _is_main_process():  # rank 0 alone reads the checkpoints
         stopped_at = stage.stopped_at(out)
         if stopped_at:
             click.echo(f"run: {out}  (stopped at step {stopped_at} by --max-steps; continue with "
-                       f"{_resume_command(config, overrides)})")
+                       f"{_command_line('train-student', config, overrides, '--resume')})")
         else:
             click.echo(f"run: {out}{stage.final_summary(out)}")
 
 
-def _resume_command(config: Path | None, overrides: tuple[str, ...]) -> str:
-    """The command line that continues a stopped run of `config` with `overrides`: under torchrun, the same
-    launch (last.pt holds every rank's state, so it resumes with as many processes)."""
-    args = ["train-student", *(["-c", str(config)] if config else []),
-            *(arg for override in overrides for arg in ("--set", override)), "--resume"]
+def _command_line(command: str, config: Path | None, overrides: tuple[str, ...], *extra: str) -> str:
+    """The dho `command` of `config` with `overrides` and `extra`, to continue a stopped job: under torchrun, the
+    same launch (a resumed run needs as many processes as its last.pt holds rank states)."""
+    args = [command, *(["-c", str(config)] if config else []),
+            *(arg for override in overrides for arg in ("--set", override)), *extra]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return shlex.join(["dho", *args])
@@ -608,12 +617,15 @@ def demo(out: Path, quick: bool, retrain: bool) -> None:
     from stages import demo as stage
     from stages.train_student import TrainingStopped
 
+    again = shlex.join(["dho", "demo", "--out", str(out), *(["--quick"] if quick else [])])
     try:
         results = stage.run(out, stage.QUICK if quick else stage.FULL, log=click.echo, retrain=retrain)
     except TrainingStopped as stopped:  # Ctrl-C or SIGTERM during a run: the next call goes on from its last.pt
-        again = ["dho", "demo", "--out", str(out), *(["--quick"] if quick else [])]
-        click.echo(f"{stopped}; continue with {shlex.join(again)}", err=True)
+        click.echo(f"{stopped}; continue with {again}", err=True)
         raise SystemExit(128 + stopped.signal_number) from None
+    except KeyboardInterrupt:  # Ctrl-C between runs: what is finished is kept
+        click.echo(f"demo stopped (Ctrl-C); continue with {again}", err=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     click.echo(stage.results_table(results))
     click.echo(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -24,15 +25,18 @@ def test_help_lists_every_command():
     assert "inspect" in cache.output and "list" in cache.output
 
 
-def test_a_demo_stopped_by_a_signal_says_how_to_continue_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("stop", "says"), [
+    (TrainingStopped("stopped at step 3: last.pt kept", signal.SIGINT), "stopped at step 3: last.pt kept"),  # a run
+    (KeyboardInterrupt(), "demo stopped (Ctrl-C)"),  # between runs: pretraining, make-shards, cache-teacher
+])
+def test_a_demo_stopped_by_ctrl_c_says_how_to_continue_it(stop, says, tmp_path, monkeypatch):
     def stopped_by_ctrl_c(*_args, **_kwargs):
-        raise TrainingStopped("stopped at step 3: last.pt kept", signal.SIGINT)
+        raise stop
 
     monkeypatch.setattr(demo, "run", stopped_by_ctrl_c)
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "my out")])
     assert result.exit_code == 128 + signal.SIGINT
-    again = f"dho demo --out '{tmp_path}/my out' --quick"
-    assert result.stderr == f"stopped at step 3: last.pt kept; continue with {again}\n"
+    assert result.stderr == f"{says}; continue with dho demo --out '{tmp_path}/my out' --quick\n"
 
 
 def test_a_bad_config_value_names_the_field_in_one_line(tmp_path):
@@ -100,14 +104,14 @@ def test_a_config_error_is_prefixed_once_by_where_the_value_came_from(tmp_path):
 
 
 def test_the_command_that_continues_a_stopped_run_is_the_launch_it_needs(monkeypatch):
-    from dho_pipeline.cli import _resume_command
+    from dho_pipeline.cli import _command_line
 
-    args = (Path("p.yaml"), ("train.lr=0.1",))
-    assert _resume_command(*args) == "dho train-student -c p.yaml --set train.lr=0.1 --resume"
+    args = ("train-student", Path("p.yaml"), ("train.lr=0.1",), "--resume")
+    assert _command_line(*args) == "dho train-student -c p.yaml --set train.lr=0.1 --resume"
     monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun on one node: last.pt holds 4 ranks' states
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert _resume_command(*args) == ("torchrun --nproc_per_node 4 -m dho_pipeline.cli train-student -c p.yaml "
+    assert _command_line(*args) == ("torchrun --nproc_per_node 4 -m dho_pipeline.cli train-student -c p.yaml "
                                       "--set train.lr=0.1 --resume")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes
-    assert _resume_command(*args) == ("the same torchrun launch (4 processes) of dho_pipeline.cli train-student "
+    assert _command_line(*args) == ("the same torchrun launch (4 processes) of dho_pipeline.cli train-student "
                                       "-c p.yaml --set train.lr=0.1 --resume")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +201,40 @@ def test_a_folder_of_stores_given_as_a_store_is_named_and_never_replaced(store_c
         one_line_error(dho(*command), f"{store.parent}: a folder of stores (1 *.zarr), not a store: name one "
                        f"(e.g. {store}), or list them with `dho cache list --root {store.parent}`")
         assert (store / "zarr.json").is_file() and not (store.parent / "zarr.json").exists()
+
+
+def test_ctrl_c_stops_cache_teacher_and_the_same_command_continues_it(shards_dir, teacher_file, tmp_path):
+    store = tmp_path / "store.zarr"
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)},
+                          views={"count": 64}, data={"num_workers": 1})  # long enough to stop half-way
+
+    def shards_done() -> list[bool]:
+        try:
+            opened = TeacherStore.open(store)
+            return [opened.shard_done(s) for s in opened.shards()]
+        except (FileNotFoundError, ValueError, KeyError):  # not created yet, or being created
+            return []
+
+    # Ctrl-C signals the whole process group: the loader worker too.
+    process = subprocess.Popen([sys.executable, "-m", "dho_pipeline.cli", "cache-teacher", "-c", str(config)],
+                               cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        while process.poll() is None and not any(shards_done()):
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGINT)
+        stderr = process.communicate(timeout=120)[1]
+    finally:  # a run that hangs must not outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.splitlines()[-1] == ("cache-teacher stopped (Ctrl-C); the store keeps every finished shard: "
+                                       f"continue with dho cache-teacher -c {config}"), stderr
+    done = shards_done()
+    assert 0 < sum(done) < len(done), done
+    again = dho("cache-teacher", "-c", config)
+    assert again.exit_code == 0, again.output
+    assert all(shards_done()) and dho("cache", "verify", store).exit_code == 0
 
 
 def _shards_and_teacher(config):
