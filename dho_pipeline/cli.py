@@ -385,7 +385,12 @@ def cache_copy(source: Location, destination: Location) -> None:
     """
     from dho_pipeline.store.copy import copy_store
 
-    click.echo(copy_store(source, destination).summary())
+    try:
+        click.echo(copy_store(source, destination).summary())
+    except KeyboardInterrupt:  # the shards in flight are finished and checked; the next call skips them
+        click.echo(f"cache copy stopped (Ctrl-C); {destination} keeps every shard copied: continue with "
+                   f"{shlex.join(['dho', 'cache', 'copy', str(source), str(destination)])}", err=True)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 @cache.command("list")

@@ -193,6 +193,35 @@ def test_a_store_behind_a_cache_prefix_is_refused_in_one_line(bucket):
     one_line_error(result, "drop the 'simplecache::' prefix")
 
 
+def test_ctrl_c_stops_cache_copy_after_the_shards_in_flight(cached_store, tmp_path, monkeypatch):
+    shards = TeacherStore.open(cached_store).shards()
+    real_write = TeacherStore.write_shard
+
+    def slow_write(store, shard, **arrays):  # each shard takes a while, as over a network
+        time.sleep(0.2)
+        real_write(store, shard, **arrays)
+
+    def ctrl_c_after_the_first(results, **_):  # stands in for tqdm: Ctrl-C once the first shard is copied
+        yield next(iter(results))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dho_pipeline.store.copy.COPY_THREADS", 2)
+    monkeypatch.setattr(TeacherStore, "write_shard", slow_write)
+    monkeypatch.setattr("dho_pipeline.store.copy.tqdm", ctrl_c_after_the_first)
+    copy = tmp_path / "copy.zarr"
+    stopped = CliRunner().invoke(main, ["cache", "copy", str(cached_store), str(copy)])
+    assert stopped.exit_code == 130, stopped.output
+    assert stopped.stderr.splitlines()[-1] == (f"cache copy stopped (Ctrl-C); {copy} keeps every shard copied: "
+                                               f"continue with dho cache copy {cached_store} {copy}")
+    copied = sum(TeacherStore.open(copy).shard_done(s) for s in shards)
+    assert 1 <= copied <= 4 < len(shards)  # the first, the two in flight, maybe one more: not every shard
+
+    monkeypatch.undo()
+    resumed = copy_store(cached_store, copy, progress=False)
+    assert (resumed.copied, resumed.already_there) == (len(shards) - copied, copied)
+    same_arrays(TeacherStore.open(copy), TeacherStore.open(cached_store))
+
+
 def test_cache_copy_resumes_and_checks_the_copy(bucket, cached_store, tmp_path, monkeypatch):
     shards = TeacherStore.open(cached_store).shards()
     written = []

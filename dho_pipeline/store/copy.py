@@ -9,7 +9,6 @@ destination must have the source's fingerprint and done mask, and every done sha
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,14 @@ from tqdm import tqdm
 from dho_pipeline.errors import human_bytes
 from dho_pipeline.locations import Location, location
 from dho_pipeline.store.lock import store_write_lock
-from dho_pipeline.store.zarr_store import NOT_DONE, StoreError, StoreShard, TeacherStore, interrupted_creation
+from dho_pipeline.store.zarr_store import (
+    NOT_DONE,
+    StoreError,
+    StoreShard,
+    TeacherStore,
+    interrupted_creation,
+    thread_pool,
+)
 
 COPY_THREADS = 8  # shards in flight: object stores reward concurrency, and shards write disjoint chunks
 
@@ -57,7 +63,7 @@ def copy_store(source_path: Location | str, destination_path: Location | str, pr
             destination.write_shard(shard, **arrays)
             return sum(a.nbytes for a in arrays.values())
 
-        with ThreadPoolExecutor(COPY_THREADS) as pool:
+        with thread_pool(COPY_THREADS) as pool:  # Ctrl-C: the shards in flight are finished, no other started
             sizes = list(tqdm(pool.map(copy_shard, todo), total=len(todo), desc=f"copy to {destination_path}",
                               unit="shard", disable=not progress))
         check_copy(source, destination)

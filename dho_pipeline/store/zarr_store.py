@@ -29,6 +29,7 @@ import posixpath
 import shutil
 import uuid
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -459,7 +460,7 @@ class TeacherStore:
         This reads each chunk once: at 2 bytes per logit, far less than one epoch's images.
         """
         shards = self.shards() if shards is None else shards
-        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+        with thread_pool(VERIFY_THREADS) as pool:
             checks = tqdm(pool.map(self.verify_shard, shards), total=len(shards), desc=f"verify {self.path.name}",
                           unit="shard", disable=not progress, leave=False)
             return dict(zip(shards, checks, strict=True))
@@ -514,6 +515,17 @@ NOT_DONE = "not computed yet"
 
 def _rows(shard: Shard | StoreShard) -> slice:
     return slice(shard.first_row, shard.first_row + shard.count)
+
+
+@contextlib.contextmanager
+def thread_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool of `threads` that, left on an error or Ctrl-C, finishes the tasks running and starts no other
+    (`with ThreadPoolExecutor(...)` would first run every task submitted: a whole copy or verify)."""
+    pool = ThreadPoolExecutor(threads)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def stores_under(root: Location) -> list[Location]:
