@@ -26,7 +26,9 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
+from dho_pipeline.errors import CheckpointError
 from dho_pipeline.student.checkpoint import load_checkpoint, save_checkpoint
+from dho_pipeline.student.from_checkpoint import load_student
 from stages import train_student
 from tests.conftest import RunsCodeOnLoad, one_line_error, resize_tmpfs, tmpfs, write_config
 
@@ -111,6 +113,8 @@ def test_the_last_pt_of_an_unfinished_run_is_refused_with_how_to_finish_it(unint
     result = CliRunner().invoke(main, ["evaluate", str(last)])
     one_line_error(result, f"{last}: a training checkpoint,", "(this run has not finished: continue it "
                    "with --resume)")
+    with pytest.raises(CheckpointError, match="this run has not finished"):  # from Python, by a str too
+        load_student(str(last), torch.device("cpu"))
 
 
 @pytest.mark.parametrize(("content", "says"), [

@@ -35,7 +35,7 @@ def load_student(path: Path, device: torch.device) -> TrainedStudent:
     ckpt = load_checkpoint(path)
     if "alpha" not in ckpt:
         raise CheckpointError(f"{path}: a training checkpoint, without the alpha and beta a finished run picks on "
-                              f"val: use the run's final.pt{final_or_unfinished(path)}")
+                              f"val: use the run's final.pt{final_or_unfinished(Path(path))}")
     cfg = StudentConfig(**ckpt["config"]["student"])
     cfg = dataclasses.replace(cfg, pretrained_file=None)  # the state dict below holds every weight
     model, _ = build_student(cfg, ckpt["class_names"], ckpt["config"]["teacher"]["extra_templates"] or None)
