@@ -8,6 +8,7 @@ import shlex
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -244,10 +245,8 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
     try:
         report = stage.run(cfg, overwrite=overwrite, max_shards=max_shards)
     except KeyboardInterrupt:  # Ctrl-C: every finished shard is in the store, each checked when it is read
-        if _is_main_process():
-            click.echo("cache-teacher stopped (Ctrl-C); the store keeps every finished shard: continue with "
-                       f"{_command_line('cache-teacher', config, overrides)}", err=True)
-        raise SystemExit(128 + signal.SIGINT) from None
+        _exit_stopped("cache-teacher stopped (Ctrl-C); the store keeps every finished shard: continue with "
+                      f"{_command_line('cache-teacher', config, overrides)}", quiet=not _is_main_process())
     _echo_main(report.summary())
     _echo_main(f"store: {report.path}")
 
@@ -388,9 +387,8 @@ def cache_copy(source: Location, destination: Location) -> None:
     try:
         click.echo(copy_store(source, destination).summary())
     except KeyboardInterrupt:  # the shards in flight are finished and checked; the next call skips them
-        click.echo(f"cache copy stopped (Ctrl-C); {destination} keeps every shard copied: continue with "
-                   f"{shlex.join(['dho', 'cache', 'copy', str(source), str(destination)])}", err=True)
-        raise SystemExit(128 + signal.SIGINT) from None
+        _exit_stopped(f"cache copy stopped (Ctrl-C); {destination} keeps every shard copied: continue with "
+                      f"{shlex.join(['dho', 'cache', 'copy', str(source), str(destination)])}")
 
 
 @cache.command("list")
@@ -450,9 +448,8 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
     try:
         out = stage.run(_config(config, overrides), resume=resume, overwrite=overwrite, max_steps=max_steps)
     except stage.TrainingStopped as stopped:  # Ctrl-C or SIGTERM: not a failure, but the run is not done
-        click.echo(f"{stopped}; continue with {_command_line('train-student', config, overrides, '--resume')}",
-                   err=True)
-        raise SystemExit(128 + stopped.signal_number) from None
+        _exit_stopped(f"{stopped}; continue with {_command_line('train-student', config, overrides, '--resume')}",
+                      stopped.signal_number)
     if _is_main_process():  # rank 0 alone reads the checkpoints
         stopped_at = stage.stopped_at(out)
         if stopped_at:
@@ -460,6 +457,14 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
                        f"{_command_line('train-student', config, overrides, '--resume')})")
         else:
             click.echo(f"run: {out}{stage.final_summary(out)}")
+
+
+def _exit_stopped(message: str, signal_number: int = signal.SIGINT, quiet: bool = False) -> NoReturn:
+    """End a job stopped by a signal, not a failure (what it finished is kept): `message`, saying what was kept
+    and the command that continues it, on stderr, and the shell's exit status for the signal (130: Ctrl-C)."""
+    if not quiet:
+        click.echo(message, err=True)
+    raise SystemExit(128 + signal_number)
 
 
 def _command_line(command: str, config: Path | None, overrides: tuple[str, ...], *extra: str) -> str:
@@ -626,11 +631,9 @@ def demo(out: Path, quick: bool, retrain: bool) -> None:
     try:
         results = stage.run(out, stage.QUICK if quick else stage.FULL, log=click.echo, retrain=retrain)
     except TrainingStopped as stopped:  # Ctrl-C or SIGTERM during a run: the next call goes on from its last.pt
-        click.echo(f"{stopped}; continue with {again}", err=True)
-        raise SystemExit(128 + stopped.signal_number) from None
+        _exit_stopped(f"{stopped}; continue with {again}", stopped.signal_number)
     except KeyboardInterrupt:  # Ctrl-C between runs: what is finished is kept
-        click.echo(f"demo stopped (Ctrl-C); continue with {again}", err=True)
-        raise SystemExit(128 + signal.SIGINT) from None
+        _exit_stopped(f"demo stopped (Ctrl-C); continue with {again}")
     click.echo(stage.results_table(results))
     click.echo(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
 
