@@ -219,12 +219,12 @@ def run(out: Path, plan: DemoPlan, log: Callable[[str], None] = print, retrain: 
         accuracy: dict[str, list[float]] = {"teacher": [report["teacher_accuracy"]["test"]]}
         for method, seed in setting_runs(setting, plan):
             run_dir, name = run_folder(out, setting, method, seed), f"{setting.name}/{method}/seed{seed}"
-            overrides = METHOD_OVERRIDES[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"]
-            if continue_earlier_run(load_config(config, overrides), log):
+            cfg = load_config(config, METHOD_OVERRIDES[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"])
+            if continue_earlier_run(cfg, log):
                 reused.append(name)
             else:
                 tick = time.perf_counter()
-                train_student.run(load_config(config, overrides), overwrite=True)
+                train_student.run(cfg, overwrite=True)
                 timings[f"{name}_s"] = time.perf_counter() - tick
             result = evaluate.run(run_dir / "final.pt")
             accuracy.setdefault(method, []).append(result["combined_searched"])  # what it deploys
