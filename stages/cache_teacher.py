@@ -4,8 +4,8 @@ Work is done shard by shard (a shard is one chunk of the store); a shard is writ
 then marked done, so a killed run resumes where it stopped and the result equals an uninterrupted run.
 A rerun of a finished store verifies it and exits without building the teacher; otherwise the finished
 shards are verified first and any whose chunks were lost or damaged are recomputed. One process writes a
-store at a time (a lock beside it); under torchrun, rank 0 holds the lock and rank r takes every
-world_size-th pending shard. Each shard file is checked against its sha256 before use.
+store at a time (a lock beside it); under torchrun, rank 0 holds the lock and lists the pending shards, and
+rank r takes every world_size-th of them. Each shard file is checked against its sha256 before use.
 
 The loop keeps the accelerator busy: batch i+1 is queued on it before batch i's logits are collected,
 and a finished shard is written by a background thread while the teacher goes on.
@@ -97,10 +97,12 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
                                                 with_zero_shot=teacher.adapter is not None, request=request,
                                                 top_k=cfg.cache.top_k)
             unmark_damaged(store)
-        runtime.barrier()
+        # rank 0 lists the pending shards for every rank: a rank listing them itself could see shards that a
+        # faster rank has finished meanwhile, take a different share, and leave a shard unwritten
+        pending = runtime.broadcast(pending_rows(store, manifest) if runtime.is_main else None)
+        pending = [s for s in manifest.shards() if s.first_row in pending][runtime.rank:: runtime.world_size]
         store = TeacherStore.open(path, mode="a")
         store.check_fingerprint(fingerprint)
-        pending = [s for s in manifest.shards() if not store.shard_done(s)][runtime.rank:: runtime.world_size]
         pending = pending[:max_shards] if max_shards is not None else pending
         manifest.check_files(pending)
         first_done, report.startup_views = write_pending(store, pending, teacher, recipe, cfg, runtime, lease)
@@ -111,6 +113,11 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     report.bad_images = store.bad_images() if runtime.is_main else 0  # every rank's shards, and earlier runs
     report.sources = sources_folder(manifest) if report.bad_images else None
     return report
+
+
+def pending_rows(store: TeacherStore, manifest: Manifest) -> set[int]:
+    """The first rows of the manifest's shards that the store has not finished."""
+    return {s.first_row for s in manifest.shards() if not store.shard_done(s)}
 
 
 def unmark_damaged(store: TeacherStore) -> None:

@@ -3,6 +3,7 @@ stopped at one world size and finished at another, and DDP student runs whose ra
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,31 @@ from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import cache_teacher
 from tests.conftest import write_config
 
+# Loaded by every worker of torchrun(..., slow_ranks=folder): ranks other than 0 open a store for writing 2 s
+# late, as a rank on a busy machine may, while rank 0 is already writing shards
+SLOW_RANKS = """
+import os, time
+from dho_pipeline.store.zarr_store import TeacherStore
+opened = TeacherStore.open.__func__
 
-def torchrun(*args: str, ranks: int = 2) -> None:
+def slow_open(cls, path, mode="r"):
+    if mode == "a" and os.environ.get("RANK", "0") != "0":
+        time.sleep(2)
+    return opened(cls, path, mode)
+
+TeacherStore.open = classmethod(slow_open)
+"""
+
+
+def torchrun(*args: str, ranks: int = 2, slow_ranks: Path | None = None) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            "-m", "dho_pipeline.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ)
+    if slow_ranks is not None:
+        slow_ranks.mkdir()
+        (slow_ranks / "sitecustomize.py").write_text(SLOW_RANKS)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(slow_ranks), env.get("PYTHONPATH")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -62,7 +83,7 @@ def test_world_sizes_that_do_not_divide_the_shards(fmnist, teacher_file, tmp_pat
     torchrun(*resumed, "--max-shards", "2", ranks=2)  # stopped after 2 shards a rank ...
     partial = TeacherStore.open(tmp_path / "resumed.zarr")
     assert sum(partial.shard_done(s) for s in partial.shards()) == 4
-    torchrun(*resumed, ranks=3)  # ... finished by 3 ranks
+    torchrun(*resumed, ranks=3, slow_ranks=tmp_path / "slow")  # ... finished by 3 ranks, 2 of them slow to start
     same_store(single, tmp_path / "resumed.zarr")
 
     torchrun("train-student", "-c", str(config), "--set", f"cache.store={tmp_path / 'four.zarr'}", ranks=4)
