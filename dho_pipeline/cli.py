@@ -15,6 +15,7 @@ import click
 from dho_pipeline.config import DEVICE_CHOICES, ConfigError, PipelineConfig, load_config
 from dho_pipeline.errors import human_bytes, warn
 from dho_pipeline.locations import Location, UrlPath, is_url
+from dho_pipeline.stop_request import stop_signal, terminate_as_interrupt
 
 CONFIG_HELP = "The experiment file (see pipeline.yaml in the repository)."
 SET_HELP = ("Override one config key, e.g. --set train.lr=5e-4 (repeatable). Paths are relative to the "
@@ -244,9 +245,9 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
     cfg = _config(config, overrides)
     try:
         report = stage.run(cfg, overwrite=overwrite, max_shards=max_shards)
-    except KeyboardInterrupt:  # Ctrl-C: every finished shard is in the store, each checked when it is read
-        _exit_stopped("cache-teacher stopped (Ctrl-C); the store keeps every finished shard: continue with "
-                      f"{_command_line('cache-teacher', config, overrides)}", quiet=not _is_main_process())
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM: every finished shard is in the store, checked when read
+        _exit_interrupted(stop, "cache-teacher", "the store keeps every finished shard: continue with "
+                          f"{_command_line('cache-teacher', config, overrides)}", quiet=not _is_main_process())
     _echo_main(report.summary())
     _echo_main(f"store: {report.path}")
 
@@ -385,10 +386,11 @@ def cache_copy(source: Location, destination: Location) -> None:
     from dho_pipeline.store.copy import copy_store
 
     try:
-        click.echo(copy_store(source, destination).summary())
-    except KeyboardInterrupt:  # the shards in flight are finished and checked; the next call skips them
-        _exit_stopped(f"cache copy stopped (Ctrl-C); {destination} keeps every shard copied: continue with "
-                      f"{shlex.join(['dho', 'cache', 'copy', str(source), str(destination)])}")
+        with terminate_as_interrupt():
+            click.echo(copy_store(source, destination).summary())
+    except KeyboardInterrupt as stop:  # the shards in flight are finished and checked; the next call skips them
+        _exit_interrupted(stop, "cache copy", f"{destination} keeps every shard copied: continue with "
+                          f"{shlex.join(['dho', 'cache', 'copy', str(source), str(destination)])}")
 
 
 @cache.command("list")
@@ -465,6 +467,13 @@ def _exit_stopped(message: str, signal_number: int = signal.SIGINT, quiet: bool 
     if not quiet:
         click.echo(message, err=True)
     raise SystemExit(128 + signal_number)
+
+
+def _exit_interrupted(stop: KeyboardInterrupt, job: str, kept_and_next: str, quiet: bool = False) -> NoReturn:
+    """End a job that Ctrl-C or SIGTERM (stop_request.Terminated) stopped: "JOB stopped (Ctrl-C); KEPT_AND_NEXT"."""
+    number = stop_signal(stop)
+    name = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
+    _exit_stopped(f"{job} stopped ({name}); {kept_and_next}", number, quiet)
 
 
 def _command_line(command: str, config: Path | None, overrides: tuple[str, ...], *extra: str) -> str:
@@ -629,11 +638,12 @@ def demo(out: Path, quick: bool, retrain: bool) -> None:
 
     again = shlex.join(["dho", "demo", "--out", str(out), *(["--quick"] if quick else [])])
     try:
-        results = stage.run(out, stage.QUICK if quick else stage.FULL, log=click.echo, retrain=retrain)
+        with terminate_as_interrupt():
+            results = stage.run(out, stage.QUICK if quick else stage.FULL, log=click.echo, retrain=retrain)
     except TrainingStopped as stopped:  # Ctrl-C or SIGTERM during a run: the next call goes on from its last.pt
         _exit_stopped(f"{stopped}; continue with {again}", stopped.signal_number)
-    except KeyboardInterrupt:  # Ctrl-C between runs: what is finished is kept
-        _exit_stopped(f"demo stopped (Ctrl-C); continue with {again}")
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM between runs: what is finished is kept
+        _exit_interrupted(stop, "demo", f"continue with {again}")
     click.echo(stage.results_table(results))
     click.echo(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
 

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.config import PipelineConfig
+from dho_pipeline.data.loader_workers import end_workers, start_loader
 from dho_pipeline.data.shards import SOURCES, Manifest, Shard, load_manifest
 from dho_pipeline.data.teacher_views import TeacherViewBatches, views_for_split
 from dho_pipeline.data.views import ViewRecipe, normalize
 from dho_pipeline.errors import warn
 from dho_pipeline.locations import Location
 from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
+from dho_pipeline.stop_request import takes_signals, terminate_as_interrupt
 from dho_pipeline.store.lock import Lease, rank_zero_lock
 from dho_pipeline.store.lookup import finished_store, stage_one_request, store_path, view_recipe
 from dho_pipeline.store.zarr_store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
@@ -140,24 +141,29 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
     """
     dataset = TeacherViewBatches(pending, recipe, teacher.image_size, cfg.teacher.batch_size,
                                  skip_bad=cfg.data.on_bad_image == "skip")
-    loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.data.num_workers, len(pending)),
-                        pin_memory=runtime.device.type == "cuda")
     rows = ShardBuffers(store, pending, 1 + recipe.count, lease)
     first_done, first_views, in_flight = None, 0, None
-    with tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
-              disable=not runtime.is_main) as bar:
-        for batch in loader:
-            outputs = queue_teacher(teacher, batch["images"], runtime.device, store.top_k)
-            if in_flight is not None:  # the previous batch's logits: collected while this one runs
+    bar = tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
+               disable=not runtime.is_main)
+    with terminate_as_interrupt(runtime.world_size), bar:
+        # workers deaf to Ctrl-C and SIGTERM where this process takes them: it stops, then ends the workers
+        loader = start_loader(dataset, min(cfg.data.num_workers, len(pending)), runtime.device.type == "cuda",
+                              deaf=takes_signals(runtime.world_size))
+        try:
+            for batch in loader:
+                outputs = queue_teacher(teacher, batch["images"], runtime.device, store.top_k)
+                if in_flight is not None:  # the previous batch's logits: collected while this one runs
+                    bar.update(rows.add(*in_flight))
+                    first_done = first_done or time.perf_counter()
+                else:
+                    first_views = batch["images"].shape[0] * batch["images"].shape[1]
+                in_flight = (batch, outputs)
+            if in_flight is not None:
                 bar.update(rows.add(*in_flight))
                 first_done = first_done or time.perf_counter()
-            else:
-                first_views = batch["images"].shape[0] * batch["images"].shape[1]
-            in_flight = (batch, outputs)
-        if in_flight is not None:
-            bar.update(rows.add(*in_flight))
-            first_done = first_done or time.perf_counter()
-        rows.flush()
+            rows.flush()
+        finally:
+            end_workers(loader)
     return first_done, first_views
 
 

@@ -8,9 +8,10 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import open_clip
@@ -45,6 +46,20 @@ def no_worker_outlives_its_test() -> Iterator[None]:
         process.kill()
         process.join(WORKER_EXIT_S)
     assert not left, f"worker processes outlived the test by {WORKER_EXIT_S} s: {left}"
+
+
+@pytest.fixture
+def sigterm_not_taken() -> Iterator[Callable]:
+    """While the test runs, a SIGTERM that the code under test does not take fails the test instead of killing
+    pytest; yields that handler, to check the code put it back."""
+    def not_taken(*_args) -> None:
+        raise AssertionError("SIGTERM was not taken")
+
+    outside = signal.signal(signal.SIGTERM, not_taken)
+    try:
+        yield not_taken
+    finally:
+        signal.signal(signal.SIGTERM, outside)
 
 
 @pytest.fixture(scope="session")

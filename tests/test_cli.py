@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,18 +26,28 @@ def test_help_lists_every_command():
     assert "inspect" in cache.output and "list" in cache.output
 
 
-@pytest.mark.parametrize(("stop", "says"), [
-    (TrainingStopped("stopped at step 3: last.pt kept", signal.SIGINT), "stopped at step 3: last.pt kept"),  # a run
-    (KeyboardInterrupt(), "demo stopped (Ctrl-C)"),  # between runs: pretraining, make-shards, cache-teacher
-])
-def test_a_demo_stopped_by_ctrl_c_says_how_to_continue_it(stop, says, tmp_path, monkeypatch):
-    def stopped_by_ctrl_c(*_args, **_kwargs):
-        raise stop
+def sigterm() -> None:
+    signal.raise_signal(signal.SIGTERM)  # as `kill` or a scheduler's time limit sends it
 
-    monkeypatch.setattr(demo, "run", stopped_by_ctrl_c)
+
+def raising(stop: BaseException) -> Callable[[], None]:
+    def stopped() -> None:
+        raise stop
+    return stopped
+
+
+@pytest.mark.parametrize(("stop", "number", "says"), [
+    (raising(TrainingStopped("stopped at step 3: last.pt kept", signal.SIGINT)), signal.SIGINT,
+     "stopped at step 3: last.pt kept"),  # in a run
+    (raising(KeyboardInterrupt()), signal.SIGINT, "demo stopped (Ctrl-C)"),  # between runs: make-shards, ...
+    (sigterm, signal.SIGTERM, "demo stopped (SIGTERM)"),
+])
+def test_a_stopped_demo_says_how_to_continue_it(stop, number, says, tmp_path, monkeypatch, sigterm_not_taken):
+    monkeypatch.setattr(demo, "run", lambda *_args, **_kwargs: stop())
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "my out")])
-    assert result.exit_code == 128 + signal.SIGINT
+    assert result.exit_code == 128 + number, result.output
     assert result.stderr == f"{says}; continue with dho demo --out '{tmp_path}/my out' --quick\n"
+    assert signal.getsignal(signal.SIGTERM) is sigterm_not_taken  # the demo's handler went with it
 
 
 def test_a_bad_config_value_names_the_field_in_one_line(tmp_path):

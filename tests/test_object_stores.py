@@ -7,6 +7,7 @@ import functools
 import http.server
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -193,7 +194,9 @@ def test_a_store_behind_a_cache_prefix_is_refused_in_one_line(bucket):
     one_line_error(result, "drop the 'simplecache::' prefix")
 
 
-def test_ctrl_c_stops_cache_copy_after_the_shards_in_flight(cached_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("stop_signal", "named"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_stops_cache_copy_after_the_shards_in_flight(cached_store, tmp_path, monkeypatch,
+                                                                       stop_signal, named, sigterm_not_taken):
     shards = TeacherStore.open(cached_store).shards()
     real_write = TeacherStore.write_shard
 
@@ -201,17 +204,17 @@ def test_ctrl_c_stops_cache_copy_after_the_shards_in_flight(cached_store, tmp_pa
         time.sleep(0.2)
         real_write(store, shard, **arrays)
 
-    def ctrl_c_after_the_first(results, **_):  # stands in for tqdm: Ctrl-C once the first shard is copied
+    def stopped_after_the_first(results, **_):  # stands in for tqdm: the signal once the first shard is copied
         yield next(iter(results))
-        raise KeyboardInterrupt
+        signal.raise_signal(stop_signal)  # SIGINT raises KeyboardInterrupt here, as Ctrl-C does
 
     monkeypatch.setattr("dho_pipeline.store.copy.COPY_THREADS", 2)
     monkeypatch.setattr(TeacherStore, "write_shard", slow_write)
-    monkeypatch.setattr("dho_pipeline.store.copy.tqdm", ctrl_c_after_the_first)
+    monkeypatch.setattr("dho_pipeline.store.copy.tqdm", stopped_after_the_first)
     copy = tmp_path / "copy.zarr"
     stopped = CliRunner().invoke(main, ["cache", "copy", str(cached_store), str(copy)])
-    assert stopped.exit_code == 130, stopped.output
-    assert stopped.stderr.splitlines()[-1] == (f"cache copy stopped (Ctrl-C); {copy} keeps every shard copied: "
+    assert stopped.exit_code == 128 + stop_signal, stopped.output
+    assert stopped.stderr.splitlines()[-1] == (f"cache copy stopped ({named}); {copy} keeps every shard copied: "
                                                f"continue with dho cache copy {cached_store} {copy}")
     copied = sum(TeacherStore.open(copy).shard_done(s) for s in shards)
     assert 1 <= copied <= 4 < len(shards)  # the first, the two in flight, maybe one more: not every shard

@@ -203,7 +203,9 @@ def test_a_folder_of_stores_given_as_a_store_is_named_and_never_replaced(store_c
         assert (store / "zarr.json").is_file() and not (store.parent / "zarr.json").exists()
 
 
-def test_ctrl_c_stops_cache_teacher_and_the_same_command_continues_it(shards_dir, teacher_file, tmp_path):
+@pytest.mark.parametrize(("stop_signal", "named"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_stops_cache_teacher_and_the_same_command_continues_it(shards_dir, teacher_file, tmp_path,
+                                                                                 stop_signal, named):
     store = tmp_path / "store.zarr"
     config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)},
                           views={"count": 64}, data={"num_workers": 1})  # long enough to stop half-way
@@ -215,20 +217,22 @@ def test_ctrl_c_stops_cache_teacher_and_the_same_command_continues_it(shards_dir
         except (FileNotFoundError, ValueError, KeyError):  # not created yet, or being created
             return []
 
-    # Ctrl-C signals the whole process group: the loader worker too.
+    # Ctrl-C signals the whole process group, and so may a scheduler's SIGTERM: the loader worker too.
     process = subprocess.Popen([sys.executable, "-m", "dho_pipeline.cli", "cache-teacher", "-c", str(config)],
                                cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
         while process.poll() is None and not any(shards_done()):
             time.sleep(0.01)
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, stop_signal)
         stderr = process.communicate(timeout=120)[1]
+        with pytest.raises(ProcessLookupError):  # the loader worker ended with the run
+            os.killpg(process.pid, 0)
     finally:  # a run that hangs must not outlive the test
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 128 + signal.SIGINT, stderr
-    assert stderr.splitlines()[-1] == ("cache-teacher stopped (Ctrl-C); the store keeps every finished shard: "
+    assert process.returncode == 128 + stop_signal, stderr
+    assert stderr.splitlines()[-1] == (f"cache-teacher stopped ({named}); the store keeps every finished shard: "
                                        f"continue with dho cache-teacher -c {config}"), stderr
     done = shards_done()
     assert 0 < sum(done) < len(done), done

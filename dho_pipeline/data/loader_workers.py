@@ -1,6 +1,6 @@
-"""Stage two's loader worker processes, which no path leaves behind: started deaf to the stop signals when the
-main process takes them (StopRequest), ended (killed if stuck) when training ends, and killed at exit whatever
-path got there."""
+"""Loader worker processes that no path leaves behind: started deaf to the stop signals when the main process
+takes them (StopRequest in stage two, terminate_as_interrupt in stage one), ended (killed if stuck) when the
+job's loop ends, and killed at exit whatever path got there."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def start_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, d
 
 def ignore_stop_signals(_worker_id: int) -> None:
     """In a loader worker: let Ctrl-C or a SIGTERM to the whole process group stop the main process alone, which
-    ends its step and its checkpoint before it shuts the workers down (end_workers)."""
+    ends its step (or shard) and keeps it before it shuts the workers down (end_workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
