@@ -57,8 +57,8 @@ MAIN_PID = os.getpid()  # forked loader workers inherit it, and with it the main
 
 
 @functools.cache
-def _simplecache_folder() -> Path:
-    """Where simplecache:: keeps its copies: one folder per main process, removed when that process exits.
+def _simplecache_root() -> Path:
+    """One folder per main process, removed when that process exits (with its workers' subfolders).
 
     fsspec's own temporary folder would be left behind by every loader worker (they exit without running
     atexit), each holding a copy of its shards.
@@ -67,6 +67,15 @@ def _simplecache_folder() -> Path:
     if os.getpid() == MAIN_PID:
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def _simplecache_folder() -> Path:
+    """Where simplecache:: keeps this process's copies: a subfolder of its own under the main process's folder.
+
+    fsspec downloads a file into its cache path in place, so two loader workers sharing one folder (a split
+    with fewer shards than workers is read by all of them) would read each other's partial downloads.
+    """
+    return _simplecache_root() / str(os.getpid())
 
 
 _INHERITED: list[fsspec.AbstractFileSystem] = []  # in a forked child: the parent's instances, never used

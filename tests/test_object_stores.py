@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,10 @@ from moto import server as moto_server
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
+from dho_pipeline.data.loader_workers import end_workers, start_loader
 from dho_pipeline.data.shards import iter_shard, load_manifest, write_shards
+from dho_pipeline.data.student_stream import StreamSpec, StudentStream
+from dho_pipeline.data.views import ViewRecipe
 from dho_pipeline.locations import UrlPath, location
 from dho_pipeline.store import lock as store_lock
 from dho_pipeline.store.copy import copy_store
@@ -62,8 +67,17 @@ def bucket(s3_endpoint: str) -> str:
 @pytest.fixture(scope="module")
 def http_shards(shards_dir):
     """The test shards served read-only by http.server on 127.0.0.1."""
-    handler = functools.partial(QuietHandler, directory=str(shards_dir))
-    server = QuietServer(("127.0.0.1", 0), handler)
+    yield from serve(shards_dir, QuietHandler)
+
+
+@pytest.fixture
+def slow_http_shards(shards_dir):
+    """The same, sent slowly, as by a far server."""
+    yield from serve(shards_dir, SlowHandler)
+
+
+def serve(folder: Path, handler: type[http.server.SimpleHTTPRequestHandler]) -> Iterator[str]:
+    server = QuietServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -78,6 +92,14 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+class SlowHandler(QuietHandler):
+    def copyfile(self, source, outputfile) -> None:  # about 80 KB/s: a shard takes a while to arrive
+        while chunk := source.read(8192):
+            outputfile.write(chunk)
+            outputfile.flush()
+            time.sleep(0.1)
 
 
 class QuietServer(http.server.ThreadingHTTPServer):
@@ -187,6 +209,20 @@ def test_shards_over_http_read_as_the_local_files(cache, http_shards, shards_dir
         assert served[2] > served[1] > served[0], served
     with pytest.raises(ValueError, match="read-only"):
         write_shards(None, {}, location(f"{cache}{http_shards}/new"))
+
+
+def test_loader_workers_reading_the_same_shards_through_simplecache_each_read_them_whole(slow_http_shards):
+    """A split of fewer shards than loader workers is read by every worker: none may read another's download
+    before it is complete (the shard's sha256 would not match)."""
+    one_shard = load_manifest(f"simplecache::{slow_http_shards}").splits["labelled"][:1]
+    stream = StudentStream(one_shard, None, StreamSpec(student_size=32, cached_logits=False,
+                                                       fresh_views=ViewRecipe()), batch_size=8)
+    batches = start_loader(stream, num_workers=2, pin_memory=False, deaf=False)
+    try:
+        labels = [next(batches)["label"] for _ in range(4)]  # the shard's 32 images, half from each worker
+    finally:
+        end_workers(batches)
+    assert sum(len(b) for b in labels) == 32
 
 
 def test_a_store_behind_a_cache_prefix_is_refused_in_one_line(bucket):
