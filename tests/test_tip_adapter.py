@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from dho_pipeline.teacher.tip_adapter import (
     TipAdapter,
     fit_adapter,
     load_adapter,
+    save_adapter,
     search_ab,
     tip_logits,
     train_keys,
@@ -154,3 +158,25 @@ def test_an_adapter_file_that_would_run_code_is_refused_unrun(tmp_path):
     with pytest.raises(CheckpointError, match=r"adapter\.pt: not a dho adapter file .*refused: loading it would call"):
         load_adapter(bad, {})
     assert not (tmp_path / "ran").exists()
+
+
+def test_two_jobs_saving_the_same_adapter_at_once_both_succeed(tmp_path, monkeypatch):
+    """Two jobs fitting the same adapter (a sweep over settings it does not depend on) save it at about the same
+    moment: here both have written their temporary file before either renames it."""
+    keys = torch.randn(20, 8)
+    adapter = TipAdapter("tip-adapter", keys, torch.eye(4)[torch.arange(20) % 4], a=1.0, b=5.0)
+    both_written = threading.Barrier(2, timeout=10)
+    write_bytes = Path.write_bytes
+
+    def write_then_wait(path: Path, data: bytes) -> int:
+        written = write_bytes(path, data)
+        both_written.wait()
+        return written
+
+    monkeypatch.setattr(Path, "write_bytes", write_then_wait)
+    path = tmp_path / "adapters" / "tip-adapter-0123.pt"
+    with ThreadPoolExecutor(2) as jobs:
+        shas = list(jobs.map(lambda _: save_adapter(path, adapter, {"model": "m"}, {}), range(2)))
+    loaded, sha = load_adapter(path, {"model": "m"})
+    assert shas == [sha, sha] and torch.equal(loaded.keys, keys)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -181,9 +182,13 @@ def save_adapter(path: Location, adapter: TipAdapter, teacher_fingerprint: dict,
     if isinstance(path, UrlPath):
         path.write_bytes(data)  # one PUT: whole or nothing
     else:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        # a name of its own: two jobs fitting the same adapter at once must not write one temporary file
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return hashlib.sha256(data).hexdigest()
 
 
