@@ -162,7 +162,8 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
                 bar.update(rows.add(*in_flight))
                 first_done = first_done or time.perf_counter()
             rows.flush()
-        finally:
+        finally:  # also on Ctrl-C or an error: the caller releases the store's lock next
+            rows.close()
             end_workers(loader)
     return first_done, first_views
 
@@ -243,7 +244,10 @@ class ShardBuffers:
     def flush(self) -> None:
         """Wait for the last write; raises what it raised."""
         self._wait_for_write()
-        self.writer.shutdown()
+
+    def close(self) -> None:
+        """Wait for the write in flight, however the run ends: no write may outlive the store's lock."""
+        self.writer.shutdown(wait=True)
 
     def _wait_for_write(self) -> None:
         if self.writing is not None:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -251,6 +252,35 @@ def own_shards(fmnist, tmp_path):
     splits = split_source(fmnist, shots=1, val_per_class=1, test_per_class=1, max_train_per_class=3, seed=4)
     write_shards(fmnist, splits, tmp_path / "shards", shard_size=SHARD_SIZE)
     return tmp_path / "shards", splits
+
+
+def test_a_stopped_stage_one_finishes_the_shard_it_is_writing_before_it_lets_the_store_go(
+        shards_dir, teacher_file, tmp_path, monkeypatch):
+    """Ctrl-C (or an error) while a shard is written in the background: the write ends before the store's lock is
+    released, so a writer that takes the lock next never finds another still writing."""
+    store = tmp_path / "store.zarr"
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)},
+                          data={"num_workers": 0})
+    write_shard, add = TeacherStore.write_shard, cache_teacher.ShardBuffers.add
+
+    def slow_write(store, shard, **arrays):  # a big shard, or an object store
+        time.sleep(1)
+        write_shard(store, shard, **arrays)
+
+    def ctrl_c_once_a_write_is_under_way(rows, batch, outputs):
+        added = add(rows, batch, outputs)
+        if rows.writing is not None:
+            raise KeyboardInterrupt
+        return added
+
+    monkeypatch.setattr(TeacherStore, "write_shard", slow_write)
+    monkeypatch.setattr(cache_teacher.ShardBuffers, "add", ctrl_c_once_a_write_is_under_way)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher.run(load_config(config))
+    assert not lock_path(store).exists()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("store-writer")]
+    opened = TeacherStore.open(store)
+    assert [opened.shard_done(s) for s in opened.shards()].count(True) == 1  # the shard under way, whole
 
 
 def test_a_shard_changed_after_make_shards_is_refused_by_both_stages(own_shards, fmnist, teacher_file, tmp_path):
