@@ -378,7 +378,8 @@ def cache_copy(source: Location, destination: Location) -> None:
       dho cache copy cache/ViT-L-14-3f07ca3dcc57.zarr s3://team-bucket/cache/ViT-L-14-3f07ca3dcc57.zarr
       dho cache copy s3://team-bucket/cache/ViT-L-14-3f07ca3dcc57.zarr /scratch/cache/vit-l.zarr
 
-    Only shards the source has finished are copied, each verified against its checksums as it is read.
+    Only shards the source has finished are copied, each verified against its checksums as it is read; a
+    source that cache-teacher is still filling is copied as it was when the copy began (copy again later).
     Resumable: after a kill, the same command copies what is missing. At the end the destination must have
     the source's fingerprint and done mask, and every shard must verify. Credentials come from the
     environment (AWS_* variables, ~/.aws, gcloud), as fsspec reads them.

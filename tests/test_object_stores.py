@@ -7,6 +7,7 @@ import functools
 import http.server
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,6 +298,28 @@ def test_cache_copy_resumes_and_checks_the_copy(bucket, cached_store, tmp_path, 
     TeacherStore.open(tmp_path / "back.zarr", mode="a").group.attrs["fingerprint_hash"] = "0" * 64  # another store
     result = CliRunner().invoke(main, ["cache", "copy", str(cached_store), str(tmp_path / "back.zarr")])
     one_line_error(result, str(tmp_path / "back.zarr"), "another fingerprint")
+
+
+def test_a_store_still_being_written_is_copied_as_it_was_when_the_copy_began(cached_store, tmp_path, monkeypatch):
+    source_path = tmp_path / "source.zarr"
+    shutil.copytree(cached_store, source_path)
+    source, finished = TeacherStore.open(source_path, mode="a"), TeacherStore.open(cached_store)
+    shards = source.shards()
+    for shard in shards[-2:]:  # a stage one under way: its last two shards still to come
+        source.unmark(shard)
+    copy_shard = TeacherStore.write_shard
+
+    def stage_one_finishes_a_shard_meanwhile(store, shard, **arrays):
+        copy_shard(store, shard, **arrays)
+        if not source.shard_done(shards[-2]):
+            copy_shard(source, shards[-2], **finished.read_checked_arrays(shards[-2]))
+
+    monkeypatch.setattr(TeacherStore, "write_shard", stage_one_finishes_a_shard_meanwhile)
+    first = copy_store(source_path, tmp_path / "copy.zarr", progress=False)
+    assert (first.copied, first.not_computed) == (len(shards) - 2, 2)
+    monkeypatch.undo()
+    second = copy_store(source_path, tmp_path / "copy.zarr", progress=False)  # later: what it finished since
+    assert (second.copied, second.already_there, second.not_computed) == (1, len(shards) - 2, 1)
 
 
 def test_object_store_lock_refuses_a_second_writer_and_takes_over_a_silent_one(bucket, monkeypatch, capsys):

@@ -66,7 +66,7 @@ def copy_store(source_path: Location | str, destination_path: Location | str, pr
         with thread_pool(COPY_THREADS) as pool:  # Ctrl-C: the shards in flight are finished, no other started
             sizes = list(tqdm(pool.map(copy_shard, todo), total=len(todo), desc=f"copy to {destination_path}",
                               unit="shard", disable=not progress))
-        check_copy(source, destination)
+        check_copy(source, destination, done)
     return CopyReport(str(source.path), str(destination.path), len(todo), len(done) - len(todo) - len(not_computed),
                       len(not_computed), sum(sizes), time.perf_counter() - started, source.attrs["fingerprint_hash"])
 
@@ -83,11 +83,15 @@ def open_destination(source: TeacherStore, path: Location) -> TeacherStore:
     return destination
 
 
-def check_copy(source: TeacherStore, destination: TeacherStore) -> None:
-    """Raise StoreError unless the copy has the source's fingerprint and done mask and every done shard verifies."""
+def check_copy(source: TeacherStore, destination: TeacherStore, done: dict[StoreShard, bool]) -> None:
+    """Raise StoreError unless the copy has the source's fingerprint, is done where the source was (`done`, read
+    when the copy began: a stage one may still be filling the source), and every done shard verifies."""
     if destination.attrs["fingerprint_hash"] != source.attrs["fingerprint_hash"]:
         raise StoreError(f"{destination.path}: fingerprint differs from {source.path} after the copy")
-    differ = np.flatnonzero(source.group["done"][:] != destination.group["done"][:])
+    expected = np.zeros(destination.num_rows, bool)
+    for shard in (s for s, finished in done.items() if finished):
+        expected[shard.first_row: shard.first_row + shard.count] = True
+    differ = np.flatnonzero(expected != destination.group["done"][:])
     if differ.size:
         raise StoreError(f"{destination.path}: done mask differs from {source.path} at {differ.size} rows "
                          f"(first: row {differ[0]}); rerun the copy")
