@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import http.server
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from moto import server as moto_server
 
@@ -29,6 +31,7 @@ from dho_pipeline.data.shards import iter_shard, load_manifest, write_shards
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
 from dho_pipeline.data.views import ViewRecipe
 from dho_pipeline.locations import UrlPath, location
+from dho_pipeline.runtime import Runtime
 from dho_pipeline.store import lock as store_lock
 from dho_pipeline.store.copy import copy_store
 from dho_pipeline.store.zarr_store import TeacherStore, _relative
@@ -346,6 +349,29 @@ def test_object_store_lock_refuses_a_second_writer_and_takes_over_a_silent_one(b
             time.sleep(0.05)
         with pytest.raises(store_lock.StoreLocked, match="lost the write lock to pid 7 on host other"):
             lease.check()
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherRank(Runtime):
+    """A rank other than 0 of a torchrun job, whose broadcasts receive `from_rank_zero`."""
+
+    from_rank_zero: object = None
+
+    def broadcast(self, value: object) -> object:
+        return self.from_rank_zero
+
+
+def test_other_ranks_stop_once_rank_zeros_object_store_lease_is_taken_over(bucket, monkeypatch):
+    store = location(f"{bucket}/cache/ranks.zarr")
+    with store_lock.rank_zero_lock(store, Runtime(torch.device("cpu"))) as rank_zero:
+        rank_one = OtherRank(torch.device("cpu"), rank=1, world_size=2, from_rank_zero=(None, rank_zero.number))
+        with store_lock.rank_zero_lock(store, rank_one) as follower:
+            follower.check()  # rank 0 holds the lock
+            taken_over = store_lock.lock_path(store) / f"g-{rank_zero.number + 1:06d}.json"
+            taken_over.write_text(json.dumps({"host": "other", "pid": 7, "since": time.time(), "command": "dho",
+                                              "heartbeat": time.time()}))
+            with pytest.raises(store_lock.StoreLocked, match="lost the write lock to pid 7 on host other"):
+                follower.check()
 
 
 def test_two_writers_racing_for_the_same_lease_number(bucket, monkeypatch):

@@ -10,7 +10,8 @@ that ignores it), so of two writers racing for the next number exactly one wins.
 object with a heartbeat every HEARTBEAT_S seconds and marks it released at the end. A writer that finds
 the latest lease silent for LEASE_S seconds (its holder was killed) takes over by creating the next
 number. A holder that sees a newer number, finds its own lease gone, or has not landed a heartbeat for
-LEASE_S / 2 seconds stops before its next shard write (`Lease.check`). Clocks of the machines involved
+LEASE_S / 2 seconds stops before its next shard write (`Lease.check`); under torchrun the other ranks, on
+other nodes maybe, look for a newer number before each of theirs. Clocks of the machines involved
 must agree to well within LEASE_S (NTP does).
 """
 
@@ -41,11 +42,16 @@ class StoreLocked(DhoError):
 
 
 class Lease:
-    """What a lock's holder checks before each write: whether it still holds the lock."""
+    """What a lock's holder checks before each write: whether it still holds the lock.
 
-    def __init__(self) -> None:
+    `number`: an object-store lease's number (None for a local flock), which rank 0 passes to the other ranks.
+    """
+
+    def __init__(self, number: int | None = None) -> None:
+        self.number = number
         self.lost_to: str | None = None
-        self.fenced: Callable[[], str | None] = lambda: None  # an object-store lease whose heartbeats stopped
+        # an object-store lease whose heartbeats stopped, or that another writer took over from rank 0
+        self.fenced: Callable[[], str | None] = lambda: None
 
     def check(self) -> None:
         problem = self.lost_to or self.fenced()
@@ -82,7 +88,11 @@ def store_write_lock(store: Location | str) -> Iterator[Lease]:
 
 @contextlib.contextmanager
 def rank_zero_lock(store: Location, runtime: Runtime) -> Iterator[Lease]:
-    """Rank 0 holds the store's lock for every rank; if it cannot, every rank raises StoreLocked."""
+    """Rank 0 holds the store's lock for every rank; if it cannot, every rank raises StoreLocked.
+
+    On an object store the other ranks (other nodes, maybe) check rank 0's lease themselves before each shard
+    write: should another writer take it over, they stop too.
+    """
     with contextlib.ExitStack() as stack:
         refusal, lease = None, Lease()
         if runtime.is_main:
@@ -90,10 +100,10 @@ def rank_zero_lock(store: Location, runtime: Runtime) -> Iterator[Lease]:
                 lease = stack.enter_context(store_write_lock(store))
             except StoreLocked as e:
                 refusal = str(e)
-        refusal = runtime.broadcast(refusal)
+        refusal, number = runtime.broadcast((refusal, lease.number))
         if refusal:
             raise StoreLocked(refusal)
-        yield lease
+        yield lease if runtime.is_main or number is None else _follower_lease(location(store), number)
 
 
 def _acquire(path: Path, store: Path) -> int:
@@ -181,10 +191,9 @@ class _Heartbeat(threading.Thread):
                 warn(f"{self.store}: lock heartbeat failed ({type(e).__name__}: {e}); retrying")
 
     def beat(self) -> None:
-        newer = [lease for number, lease in _leases(self.mine.parent) if number > self.number]
-        if newer:
-            raise StoreLocked(f"{self.store}: lost the write lock to {_describe(_read_lease(newer[-1]))}; "
-                              "stopping before the next shard write")
+        taken = _taken_over(self.store, self.number)
+        if taken:
+            raise StoreLocked(taken)
         if not self.mine.exists() or _read_lease(self.mine)["nonce"] != self.info["nonce"]:
             raise StoreLocked(f"{self.store}: this process's lease {self.mine} was removed or overwritten by "
                               "another writer; stopping before the next shard write")
@@ -197,6 +206,22 @@ class _Heartbeat(threading.Thread):
             return (f"{self.store}: no lock heartbeat has landed for {silent:.0f} s; stopping before the next "
                     "shard write, as another writer may take the lock over")
         return None
+
+
+def _taken_over(store: UrlPath, number: int) -> str | None:
+    """Why the holder of lease `number` must stop: a newer lease exists (another writer took the lock over)."""
+    newer = [lease for above, lease in _leases(lock_path(store)) if above > number]
+    if newer:
+        return (f"{store}: lost the write lock to {_describe(_read_lease(newer[-1]))}; stopping before the next "
+                "shard write")
+    return None
+
+
+def _follower_lease(store: UrlPath, number: int) -> Lease:
+    """Another rank's view of rank 0's lease `number`: it fails once a newer lease exists (one listing a check)."""
+    lease = Lease(number)
+    lease.fenced = lambda: _taken_over(store, number)
+    return lease
 
 
 @contextlib.contextmanager
@@ -227,7 +252,7 @@ def _object_store_lock(store: UrlPath) -> Iterator[Lease]:
     if _read_lease(mine)["nonce"] != info["nonce"]:  # the server ignored If-None-Match and another write won
         raise StoreLocked(f"{store}: another writer took the lock at the same moment ({mine}), and this server "
                           "does not refuse a second create (S3 If-None-Match); rerun to see who holds it")
-    lease = Lease()
+    lease = Lease(number + 1)
     beating = _Heartbeat(store, number + 1, mine, info, lease)
     beating.start()
     try:
