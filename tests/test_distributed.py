@@ -18,8 +18,8 @@ from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import cache_teacher
 from tests.conftest import write_config
 
-# Loaded by every worker of torchrun(..., slow_ranks=folder): ranks other than 0 open a store for writing 2 s
-# late, as a rank on a busy machine may, while rank 0 is already writing shards
+# Loaded by every process of torchrun(..., slow_ranks=folder): ranks other than 0 open a store for writing only
+# once rank 0 has finished a shard more (60 s at most), as a rank on a busy machine may
 SLOW_RANKS = """
 import os, time
 from dho_pipeline.store.zarr_store import TeacherStore
@@ -27,11 +27,18 @@ opened = TeacherStore.open.__func__
 
 def slow_open(cls, path, mode="r"):
     if mode == "a" and os.environ.get("RANK", "0") != "0":
-        time.sleep(2)
+        store = opened(cls, path)
+        done = lambda: sum(store.shard_done(s) for s in store.shards())
+        before, deadline = done(), time.monotonic() + 60
+        while done() == before and time.monotonic() < deadline:
+            time.sleep(0.05)
     return opened(cls, path, mode)
 
 TeacherStore.open = classmethod(slow_open)
 """
+
+
+REPOSITORY = Path(__file__).parents[1]
 
 
 def torchrun(*args: str, ranks: int = 2, slow_ranks: Path | None = None) -> None:
@@ -41,8 +48,9 @@ def torchrun(*args: str, ranks: int = 2, slow_ranks: Path | None = None) -> None
     if slow_ranks is not None:
         slow_ranks.mkdir()
         (slow_ranks / "sitecustomize.py").write_text(SLOW_RANKS)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(slow_ranks), env.get("PYTHONPATH")]))
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        # the repository too: sitecustomize imports dho_pipeline before `-m` puts the working folder on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(slow_ranks), str(REPOSITORY), env.get("PYTHONPATH")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPOSITORY)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
