@@ -55,6 +55,11 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _world_size() -> int:
+    """The number of torchrun's processes (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _echo_main(message: str) -> None:
     """Print once under torchrun: from rank 0 only."""
     if _is_main_process():
@@ -244,7 +249,8 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
 
     cfg = _config(config, overrides)
     try:
-        report = stage.run(cfg, overwrite=overwrite, max_shards=max_shards)
+        with terminate_as_interrupt(_world_size()):  # from the start: a SIGTERM while the lock is held releases it
+            report = stage.run(cfg, overwrite=overwrite, max_shards=max_shards)
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM: every finished shard is in the store, checked when read
         _exit_interrupted(stop, "cache-teacher", "the store keeps every finished shard: continue with "
                           f"{_command_line('cache-teacher', config, overrides)}", quiet=not _is_main_process())

@@ -31,7 +31,7 @@ from dho_pipeline.data.views import ViewRecipe, normalize
 from dho_pipeline.errors import warn
 from dho_pipeline.locations import Location
 from dho_pipeline.runtime import HostCopy, Runtime, init_runtime
-from dho_pipeline.stop_request import takes_signals, terminate_as_interrupt
+from dho_pipeline.stop_request import takes_signals
 from dho_pipeline.store.lock import Lease, rank_zero_lock
 from dho_pipeline.store.lookup import finished_store, stage_one_request, store_path, view_recipe
 from dho_pipeline.store.zarr_store import NOT_DONE, TeacherStore, build_fingerprint, fingerprint_hash
@@ -143,10 +143,10 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
                                  skip_bad=cfg.data.on_bad_image == "skip")
     rows = ShardBuffers(store, pending, 1 + recipe.count, lease)
     first_done, first_views, in_flight = None, 0, None
-    bar = tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
-               disable=not runtime.is_main)
-    with terminate_as_interrupt(runtime.world_size), bar:
-        # workers deaf to Ctrl-C and SIGTERM where this process takes them: it stops, then ends the workers
+    with tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
+              disable=not runtime.is_main) as bar:
+        # workers deaf to Ctrl-C and SIGTERM where this process takes them (the CLI turns SIGTERM into a
+        # KeyboardInterrupt): it stops, then ends the workers
         loader = start_loader(dataset, min(cfg.data.num_workers, len(pending)), runtime.device.type == "cuda",
                               deaf=takes_signals(runtime.world_size))
         try:
@@ -163,8 +163,10 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
                 first_done = first_done or time.perf_counter()
             rows.flush()
         finally:  # also on Ctrl-C or an error: the caller releases the store's lock next
-            rows.close()
-            end_workers(loader)
+            try:
+                rows.close()
+            finally:  # a second Ctrl-C cut the wait short
+                end_workers(loader)
     return first_done, first_views
 
 

@@ -254,6 +254,23 @@ def own_shards(fmnist, tmp_path):
     return tmp_path / "shards", splits
 
 
+def test_sigterm_before_the_first_shard_also_releases_the_lock_and_says_how_to_continue(
+        shards_dir, teacher_file, tmp_path, monkeypatch, sigterm_not_taken):
+    store = tmp_path / "store.zarr"
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"store": str(store)})
+
+    def terminated_while_verifying(_store) -> None:  # minutes on a big store, with the lock held
+        assert lock_path(store).exists()
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(cache_teacher, "unmark_damaged", terminated_while_verifying)
+    result = dho("cache-teacher", "-c", config)
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert result.stderr.splitlines()[-1] == ("cache-teacher stopped (SIGTERM); the store keeps every finished "
+                                              f"shard: continue with dho cache-teacher -c {config}")
+    assert not lock_path(store).exists()
+
+
 def test_a_stopped_stage_one_finishes_the_shard_it_is_writing_before_it_lets_the_store_go(
         shards_dir, teacher_file, tmp_path, monkeypatch):
     """Ctrl-C (or an error) while a shard is written in the background: the write ends before the store's lock is
