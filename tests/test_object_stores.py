@@ -318,6 +318,7 @@ def test_a_store_still_being_written_is_copied_as_it_was_when_the_copy_began(cac
             copy_shard(source, shards[-2], **finished.read_checked_arrays(shards[-2]))
 
     monkeypatch.setattr(TeacherStore, "write_shard", stage_one_finishes_a_shard_meanwhile)
+    monkeypatch.setattr("dho_pipeline.store.copy.COPY_THREADS", 1)  # one copy thread: the shard is finished once
     first = copy_store(source_path, tmp_path / "copy.zarr", progress=False)
     assert (first.copied, first.not_computed) == (len(shards) - 2, 2)
     monkeypatch.undo()

@@ -3,7 +3,8 @@
 The destination is created with the source's arrays and attributes, then filled shard by shard through
 the same checked write as stage one (rows, checksums, then the done mark), so a copy killed at any point
 resumes where it stopped: shards already done and intact at the destination are skipped. At the end the
-destination must have the source's fingerprint and done mask, and every done shard must verify.
+destination must have the source's fingerprint and its done mask as it was when the copy began (a stage one
+may still be filling the source), and every done shard must verify.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class CopyReport:
     def summary(self) -> str:
         return (f"{self.destination}: copied {self.copied} shards ({human_bytes(self.bytes_copied)} uncompressed) in "
                 f"{self.seconds:.1f} s, {self.already_there} already there, {self.not_computed} not computed in "
-                f"the source; fingerprint {self.fingerprint_hash[:12]} and done mask equal to {self.source}")
+                f"the source; fingerprint {self.fingerprint_hash[:12]} and done mask equal to {self.source}'s when the "
+                "copy began")
 
 
 def copy_store(source_path: Location | str, destination_path: Location | str, progress: bool = True) -> CopyReport:
