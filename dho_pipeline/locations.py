@@ -20,6 +20,7 @@ import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,6 +77,12 @@ def _simplecache_folder() -> Path:
     with fewer shards than workers is read by all of them) would read each other's partial downloads.
     """
     return _simplecache_root() / str(os.getpid())
+
+
+def drop_simplecache_copies(pids: Iterable[int]) -> None:
+    """Remove the simplecache:: copies of ended processes (loader workers), which no later worker reads."""
+    for pid in pids:
+        shutil.rmtree(_simplecache_root() / str(pid), ignore_errors=True)
 
 
 _INHERITED: list[fsspec.AbstractFileSystem] = []  # in a forked child: the parent's instances, never used

@@ -30,7 +30,7 @@ from dho_pipeline.data.loader_workers import end_workers, start_loader
 from dho_pipeline.data.shards import iter_shard, load_manifest, write_shards
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
 from dho_pipeline.data.views import ViewRecipe
-from dho_pipeline.locations import UrlPath, location
+from dho_pipeline.locations import UrlPath, _simplecache_root, location
 from dho_pipeline.runtime import Runtime
 from dho_pipeline.store import lock as store_lock
 from dho_pipeline.store.copy import copy_store
@@ -224,9 +224,12 @@ def test_loader_workers_reading_the_same_shards_through_simplecache_each_read_th
     batches = start_loader(stream, num_workers=2, pin_memory=False, deaf=False)
     try:
         labels = [next(batches)["label"] for _ in range(4)]  # the shard's 32 images, half from each worker
+        copies = [_simplecache_root() / str(worker.pid) for worker in batches._workers]
+        assert all(folder.is_dir() for folder in copies)
     finally:
         end_workers(batches)
     assert sum(len(b) for b in labels) == 32
+    assert not any(folder.exists() for folder in copies)  # gone with their workers
 
 
 def test_a_store_behind_a_cache_prefix_is_refused_in_one_line(bucket):

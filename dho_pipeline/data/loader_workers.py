@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset
 
+from dho_pipeline.locations import drop_simplecache_copies
+
 WORKER_KILL_WAIT_S = 10  # how long a killed loader worker is waited for
 
 
@@ -37,6 +39,7 @@ def end_workers(batches: Iterator[dict] | None) -> None:
     if shutdown is not None:
         shutdown()  # asks each worker to stop and waits a while; then SIGTERM, which these ignore
         kill_workers(batches._workers)
+        drop_simplecache_copies(worker.pid for worker in batches._workers)
 
 
 def kill_workers(workers: list[multiprocessing.Process]) -> None:
