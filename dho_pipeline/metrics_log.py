@@ -26,7 +26,20 @@ class MetricsLog:
                 step = self._step(number, line)
                 if step is not None and step <= resume_step:
                     kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
+        self._replace("".join(line + "\n" for line in kept))
+
+    def _replace(self, text: str) -> None:
+        """Make `text` the whole file through a temporary file and a rename: a kill or a full disk on the way
+        leaves the lines already there (a full disk raises DiskFull naming the file)."""
+        partial = self.path.with_name(self.path.name + ".tmp")
+        try:
+            partial.write_text(text)
+            partial.replace(self.path)
+        except BaseException as e:
+            partial.unlink(missing_ok=True)
+            if isinstance(e, OSError) and is_disk_full(e):
+                raise disk_full(self.path) from e
+            raise
 
     def _step(self, number: int, line: str) -> int | None:
         """The step of line `number`; None, with a warning on stderr, when the line is not a whole record."""

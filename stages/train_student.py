@@ -98,7 +98,7 @@ TEACHER_FILES = {"teacher.pretrained", "teacher.adapter.file"}
 
 
 # Every file train-student writes in train.out_dir (TensorBoard's event files by pattern): what --overwrite removes.
-RUN_FILES = ("last.pt", "last.pt.tmp", "final.pt", "final.pt.tmp", "metrics.jsonl")
+RUN_FILES = ("last.pt", "last.pt.tmp", "final.pt", "final.pt.tmp", "metrics.jsonl", "metrics.jsonl.tmp")
 TENSORBOARD_FILES = "events.out.tfevents.*"
 
 

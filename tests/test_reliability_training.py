@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import json
 import math
 import multiprocessing
@@ -26,7 +27,8 @@ from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
 from dho_pipeline.data.shards import load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
-from dho_pipeline.errors import CheckpointError
+from dho_pipeline.errors import CheckpointError, DiskFull
+from dho_pipeline.metrics_log import MetricsLog
 from dho_pipeline.student.checkpoint import load_checkpoint, save_checkpoint
 from dho_pipeline.student.from_checkpoint import load_student
 from stages import train_student
@@ -164,6 +166,26 @@ def test_resume_drops_a_cut_off_metrics_line_with_a_warning(cached_store, shards
     warnings = [line for line in resumed.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and f"{log}:{cut_off}: dropped a line" in warnings[0], resumed.stderr
     assert metrics(tmp_path / "run") == metrics(uninterrupted)
+
+
+def test_a_resume_that_runs_out_of_disk_rewriting_metrics_jsonl_keeps_every_line(tmp_path, monkeypatch):
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.parent.mkdir()
+    lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in (1, 2, 3)]
+    log.write_text("".join(line + "\n" for line in lines))
+    write_text = Path.write_text
+
+    def disk_full_half_way(path: Path, text: str) -> int:
+        write_text(path, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_half_way)
+    with pytest.raises(DiskFull, match=str(log)):
+        MetricsLog(log, resume_step=2, enabled=True)  # keeps steps 1 and 2
+    monkeypatch.undo()
+    assert log.read_text().splitlines() == lines and [p.name for p in log.parent.iterdir()] == [log.name]
+    MetricsLog(log, resume_step=2, enabled=True)  # space freed
+    assert log.read_text().splitlines() == lines[:2]
 
 
 def batch_shards(shards_dir: Path, cached_store: Path, step: int) -> list[str]:
