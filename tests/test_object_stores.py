@@ -365,12 +365,19 @@ class OtherRank(Runtime):
         return self.from_rank_zero
 
 
+def listing_times_out(_folder) -> None:
+    raise OSError("Read timeout on endpoint URL")
+
+
 def test_other_ranks_stop_once_rank_zeros_object_store_lease_is_taken_over(bucket, monkeypatch):
     store = location(f"{bucket}/cache/ranks.zarr")
     with store_lock.rank_zero_lock(store, Runtime(torch.device("cpu"))) as rank_zero:
         rank_one = OtherRank(torch.device("cpu"), rank=1, world_size=2, from_rank_zero=(None, rank_zero.number))
         with store_lock.rank_zero_lock(store, rank_one) as follower:
             follower.check()  # rank 0 holds the lock
+            with monkeypatch.context() as unreachable:  # a listing that fails once does not stop the rank
+                unreachable.setattr(store_lock, "_leases", listing_times_out)
+                follower.check()
             taken_over = store_lock.lock_path(store) / f"g-{rank_zero.number + 1:06d}.json"
             taken_over.write_text(json.dumps({"host": "other", "pid": 7, "since": time.time(), "command": "dho",
                                               "heartbeat": time.time()}))

@@ -220,7 +220,16 @@ def _taken_over(store: UrlPath, number: int) -> str | None:
 def _follower_lease(store: UrlPath, number: int) -> Lease:
     """Another rank's view of rank 0's lease `number`: it fails once a newer lease exists (one listing a check)."""
     lease = Lease(number)
-    lease.fenced = lambda: _taken_over(store, number)
+
+    def taken_over() -> str | None:
+        try:
+            return _taken_over(store, number)
+        except StoreLocked:
+            raise
+        except Exception:  # the lock folder unreadable for a moment: the shard write will say, the next check looks
+            return None
+
+    lease.fenced = taken_over
     return lease
 
 
