@@ -468,7 +468,7 @@ def train_student(config: Path | None, overrides: tuple[str, ...], resume: bool,
             click.echo(f"run: {out}{stage.final_summary(out)}")
 
 
-def _exit_stopped(message: str, signal_number: int = signal.SIGINT, quiet: bool = False) -> NoReturn:
+def _exit_stopped(message: str, signal_number: int, quiet: bool = False) -> NoReturn:
     """End a job stopped by a signal, not a failure (what it finished is kept): `message`, saying what was kept
     and the command that continues it, on stderr, and the shell's exit status for the signal (130: Ctrl-C)."""
     if not quiet:
@@ -488,7 +488,7 @@ def _command_line(command: str, config: Path | None, overrides: tuple[str, ...],
     same launch (a resumed run needs as many processes as its last.pt holds rank states)."""
     args = [command, *(["-c", str(config)] if config else []),
             *(arg for override in overrides for arg in ("--set", override)), *extra]
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _world_size()
     if world_size == 1:
         return shlex.join(["dho", *args])
     if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size:  # one node
