@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dho_pipeline.atomic_write import atomic_write
 from dho_pipeline.errors import disk_full, is_disk_full, warn
 from dho_pipeline.tensorboard_log import TensorBoardLog
 
@@ -31,13 +32,11 @@ class MetricsLog:
     def _replace(self, text: str) -> None:
         """Make `text` the whole file through a temporary file and a rename: a kill or a full disk on the way
         leaves the lines already there (a full disk raises DiskFull naming the file)."""
-        partial = self.path.with_name(self.path.name + ".tmp")
         try:
-            partial.write_text(text)
-            partial.replace(self.path)
-        except BaseException as e:
-            partial.unlink(missing_ok=True)
-            if isinstance(e, OSError) and is_disk_full(e):
+            with atomic_write(self.path) as tmp:
+                tmp.write_text(text)
+        except OSError as e:
+            if is_disk_full(e):
                 raise disk_full(self.path) from e
             raise
 

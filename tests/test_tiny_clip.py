@@ -16,7 +16,7 @@ from dho_pipeline.teacher.tiny_clip import (
 
 def test_pretrained_file_reloads_with_the_same_zero_shot_accuracy(fmnist, trained_teacher_file):
     source, templates, path = fmnist, TEMPLATES["fashion-mnist"], trained_teacher_file
-    assert not list(path.parent.glob("*.partial"))
+    assert not list(path.parent.glob("*.tmp"))
 
     register_model_configs()
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)

@@ -19,6 +19,7 @@ import webdataset as wds
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from dho_pipeline.atomic_write import atomic_write
 from dho_pipeline.data.sources import BadImage, FileSource, IdxSource, Item
 from dho_pipeline.errors import DhoError
 from dho_pipeline.locations import Location, LocationError, UrlPath, location
@@ -258,7 +259,8 @@ def save_manifest(manifest: Manifest) -> None:
             for split, shards in manifest.splits.items()
         },
     }
-    (manifest.root / MANIFEST).write_text(json.dumps(doc, indent=1))
+    with atomic_write(manifest.root / MANIFEST) as tmp:  # a kill never leaves a cut-off manifest
+        tmp.write_text(json.dumps(doc, indent=1))
 
 
 def load_manifest(root: Location | str) -> Manifest:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dho_pipeline.atomic_write import atomic_write
 from dho_pipeline.errors import CheckpointError, disk_full, is_disk_full
 from dho_pipeline.safe_load import safe_load
 
@@ -51,14 +51,11 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         # Through a Python file, a full disk surfaces as ENOSPC; torch's own writer only says "iostream error".
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
             torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
+    except Exception as e:  # torch may wrap the OSError
         if is_disk_full(e):
             raise disk_full(path, tensor_bytes(payload)) from e
         raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import traceback
 import zipfile
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.serialization
 
+from dho_pipeline.atomic_write import atomic_write
 from dho_pipeline.config import ConfigError, TeacherConfig
 from dho_pipeline.data.shards import sha256_file
 from dho_pipeline.errors import CheckpointError
@@ -115,9 +115,8 @@ def checkpoint_sha256(path: Path) -> str:
         pass
     sha = sha256_file(path)
     try:
-        partial = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps({**key, "sha256": sha}) + "\n")
-        os.replace(partial, memo)
+        with atomic_write(memo, own_name=True) as tmp:  # other jobs may hash the same file at once
+            tmp.write_text(json.dumps({**key, "sha256": sha}) + "\n")
     except OSError:
         pass
     return sha

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
+from dho_pipeline.atomic_write import atomic_write
 from dho_pipeline.student.schedule import make_scheduler
 from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 
@@ -112,9 +113,8 @@ def pretrain_tiny_clip(images: np.ndarray, labels: np.ndarray, class_names: list
                 bar.update()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.name + ".partial")
-    torch.save(model.state_dict(), partial)
-    partial.replace(out_path)
+    with atomic_write(out_path) as tmp:
+        torch.save(model.state_dict(), tmp)
     return out_path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dho_pipeline.atomic_write import atomic_write
 from dho_pipeline.config import AdapterConfig, PipelineConfig
 from dho_pipeline.data.shards import Manifest, Shard
 from dho_pipeline.data.teacher_views import TeacherViewBatches
@@ -183,12 +183,8 @@ def save_adapter(path: Location, adapter: TipAdapter, teacher_fingerprint: dict,
         path.write_bytes(data)  # one PUT: whole or nothing
     else:
         # a name of its own: two jobs fitting the same adapter at once must not write one temporary file
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with atomic_write(path, own_name=True) as tmp:
             tmp.write_bytes(data)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
     return hashlib.sha256(data).hexdigest()
 
 
