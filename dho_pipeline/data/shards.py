@@ -259,8 +259,12 @@ def save_manifest(manifest: Manifest) -> None:
             for split, shards in manifest.splits.items()
         },
     }
-    with atomic_write(manifest.root / MANIFEST) as tmp:  # a kill never leaves a cut-off manifest
-        tmp.write_text(json.dumps(doc, indent=1))
+    text, path = json.dumps(doc, indent=1), manifest.root / MANIFEST
+    if isinstance(path, UrlPath):
+        path.write_text(text)  # one PUT: whole or nothing
+    else:
+        with atomic_write(path) as tmp:  # a kill never leaves a cut-off manifest
+            tmp.write_text(text)
 
 
 def load_manifest(root: Location | str) -> Manifest:
