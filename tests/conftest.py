@@ -29,6 +29,14 @@ from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 SHARD_SIZE = 32
 WORKER_EXIT_S = 10  # how long a test's worker processes may take to exit after it
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist workers share the cores: an equal part each, for torch here and for the commands tests start
+    # (OpenMP threads beyond the cores spin-wait against each other: tens of times slower)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture(autouse=True)
 def no_worker_outlives_its_test() -> Iterator[None]:
