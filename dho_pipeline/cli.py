@@ -154,6 +154,8 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
     unlabelled split (its label is kept for reporting only). OUT/manifest.json lists the classes,
     the shards with their sizes and sha256, and the counts per split. OUT may be an object-store URL
     (s3://bucket/shards, gs://...): the shards are written locally first, then uploaded, the manifest last.
+    Stopped part-way (Ctrl-C, SIGTERM, a kill, an error), it keeps the shards it finished, listed in
+    OUT/make-shards-progress.json: the same command writes only the rest.
 
     \b
     Examples:
@@ -219,7 +221,11 @@ def make_shards(source: Path, out: Location, shots: int | None, percent: float |
         src = open_source(source)
         splits = split_source(src, shots=shots, percent=percent, val_per_class=val_per_class,
                               test_per_class=test_per_class, max_train_per_class=max_train_per_class, seed=seed)
-    manifest = write_shards(src, splits, out, shard_size=shard_size, info=info)
+    try:
+        with terminate_as_interrupt():
+            manifest = write_shards(src, splits, out, shard_size=shard_size, info=info)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM: the shards finished are listed in the progress file
+        _exit_interrupted(stop, "make-shards", f"{out} keeps every finished shard: the same command continues")
     counts = ", ".join(f"{s} {manifest.split_count(s)}" for s in manifest.splits)
     click.echo(f"wrote {len(manifest.shards())} shards to {out} ({counts})")
     if not test_only and not manifest.split_count("val"):

@@ -16,6 +16,7 @@ sha256 is still checked on every read.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
@@ -211,6 +212,13 @@ class UrlPath:
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        """Delete the file; FileNotFoundError if there is none, unless `missing_ok`."""
+        if not missing_ok and not self.exists():
+            raise FileNotFoundError(str(self))
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path)
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: object stores have no folders (and a mistyped bucket must not be created)."""

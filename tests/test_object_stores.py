@@ -40,6 +40,7 @@ from stages import cache_teacher, train_student
 from stages import evaluate as evaluate_stage
 from tests.conftest import one_line_error, write_config
 from tests.test_reliability_inputs import image_folder
+from tests.test_reliability_shards import stopped_and_continued
 from tests.test_stage_two import losses, train_config
 
 CHECKED = ("logits", "boxes", "flips", "labels", "bad", "done", "checksums")
@@ -173,6 +174,13 @@ def test_make_shards_to_s3_uploads_nothing_when_a_source_file_is_no_image(bucket
                                        "--shard-size", "2"])
     one_line_error(result, str(source / "train" / "coat" / "broken.png"))
     assert not UrlPath(bucket).fs.find(UrlPath(bucket).path), "the shards uploaded before the bad file are removed"
+
+
+def test_a_stopped_make_shards_to_s3_continues_to_the_same_shards(bucket, fmnist, shards_dir, monkeypatch):
+    read_again = stopped_and_continued(fmnist, f"{bucket}/shards", monkeypatch)
+    assert len(read_again) == 310 - 40 - 32  # the 3 shards uploaded before the stop are not written again
+    remote, local = load_manifest(f"{bucket}/shards"), load_manifest(shards_dir)
+    assert [(s.name, s.sha256) for s in remote.shards()] == [(s.name, s.sha256) for s in local.shards()]
 
 
 def test_loader_workers_leave_the_parents_s3_sessions_alone(bucket, shards_dir, cached_store):

@@ -32,6 +32,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dho-shards/1"
 SOURCES = "sources.json"  # beside the manifest, from file sources: each sample's source file, by shard
 SOURCES_FORMAT = "dho-shard-sources/1"
+PROGRESS = "make-shards-progress.json"  # beside the shards until the manifest is written: the finished ones
+PROGRESS_FORMAT = "dho-make-shards-progress/1"
 MAX_NAMED = 5  # bad source files named in make-shards' error (then a count)
 
 
@@ -135,9 +137,11 @@ def write_shards(
     temporary folder, uploaded as soon as it is complete and deleted, and the manifest comes last (a folder
     without one is not a shard set), so the local disk holds one shard at a time.
 
-    Files that are no image (FileSource.read) are all collected, then refused in one BadImage naming them;
-    on that or any other failure the shards written so far are removed. From files, `sources.json` beside
-    the manifest names each sample's source file, so a later decode error can name it.
+    Resumable: `make-shards-progress.json` beside the shards lists those finished so far, and a call with the
+    same splits (and `info`) after a kill, Ctrl-C or error writes only the rest. Files that are no image
+    (FileSource.read) are all collected, then refused in one BadImage naming them, and every shard is removed.
+    From files, `sources.json` beside the manifest names each sample's source file, so a later decode error
+    can name it.
     """
     out = location(out)
     if (out / MANIFEST).exists():
@@ -147,22 +151,25 @@ def write_shards(
     if remote and not out.writable:
         raise LocationError(f"{out}: {out.protocol}:// is read-only; write shards to a local folder or an object "
                             "store")
-    written: dict[str, tuple[str, int]] = {}  # file name -> (sha256, bytes)
+    plan = _plan_digest(source, splits, shard_size, info)
+    written = _finished_before(out, plan)  # file name -> (sha256, bytes)
 
     def finished(file: str) -> None:
         local = Path(file)
-        written[local.name] = (sha256_file(local), local.stat().st_size)
+        sha, size = sha256_file(local), local.stat().st_size
         if remote:
             out.fs.put_file(str(local), (out / local.name).path)
             local.unlink()
+        written[local.name] = (sha, size)
+        _write_json(out / PROGRESS, {"format": PROGRESS_FORMAT, "plan": plan, "shards": written})
 
     created = not out.exists()
     names = {split: [f"{split}-{k:05d}.tar" for k in range(math.ceil(len(items) / shard_size))]
              for split, items in splits.items()}
     try:
         shards = _write_splits(source, splits, names, out, shard_size, finished, written)
-    except BaseException:
-        _remove_shards(out, [name for split in names.values() for name in split], created)
+    except BadImage:  # nothing of a source with unreadable files is kept
+        _remove_shards(out, [name for split in names.values() for name in split] + [PROGRESS], created)
         raise
     manifest = Manifest(out, list(source.class_names), shard_size, shards, dict(info or {}))
     counts = {k: np.bincount([it.label for it in v], minlength=len(manifest.class_names)).tolist()
@@ -173,7 +180,46 @@ def write_shards(
                  for split, split_names in names.items() for k, name in enumerate(split_names)}
         (out / SOURCES).write_text(json.dumps({"format": SOURCES_FORMAT, "shards": files}))
     save_manifest(manifest)
+    (out / PROGRESS).unlink()
     return manifest
+
+
+def _plan_digest(source: IdxSource | FileSource, splits: dict[str, list[Item]], shard_size: int,
+                 info: dict | None) -> str:
+    """A digest of what fixes every shard's bytes: the classes, the shard size, each split's images in order
+    and the call's `info` (make-shards' arguments, the source folder among them)."""
+    h = hashlib.sha256(json.dumps([list(source.class_names), shard_size, info], sort_keys=True, default=str).encode())
+    for split in SPLITS:
+        for item in splits.get(split, []):
+            h.update(f"{split}\t{item.ref}\t{item.label}\n".encode())
+    return h.hexdigest()
+
+
+def _finished_before(out: Location, plan: str) -> dict[str, tuple[str, int]]:
+    """The shards a stopped call with the same plan finished in `out` (each still there at its size); refuses
+    the progress of another plan, whose shards this call would overwrite."""
+    try:
+        progress = json.loads((out / PROGRESS).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        progress = {}
+    if progress.get("format") != PROGRESS_FORMAT or progress.get("plan") != plan:
+        raise FileExistsError(f"{out / PROGRESS}: {out} holds the shards of a stopped make-shards with other "
+                              "arguments or source images (or a damaged progress file): rerun that command to "
+                              "finish it, or write to a new directory")
+    return {name: (sha, size) for name, (sha, size) in progress["shards"].items()
+            if (out / name).exists() and (out / name).stat().st_size == size}
+
+
+def _write_json(path: Location, doc: dict) -> None:
+    """Replace the JSON file at `path` whole: one PUT on an object store, a rename on a local disk."""
+    text = json.dumps(doc, indent=1)
+    if isinstance(path, UrlPath):
+        path.write_text(text)
+    else:
+        with atomic_write(path) as tmp:  # a kill never leaves it cut off
+            tmp.write_text(text)
 
 
 def _write_splits(source: IdxSource | FileSource, splits: dict[str, list[Item]], names: dict[str, list[str]],
@@ -194,18 +240,11 @@ def _write_splits(source: IdxSource | FileSource, splits: dict[str, list[Item]],
             if not items:  # no empty tar file for a split without samples (a test-only set has three)
                 shards[split] = []
                 continue
-            with wds.ShardWriter(str(Path(staging) / f"{split}-%05d.tar"), maxcount=shard_size, verbose=0,
-                                 mtime=MEMBER_MTIME, post=finished) as sink:
-                for i, item in enumerate(items):
-                    bar.update()
-                    try:
-                        data, ext = source.read(item.ref)
-                    except BadImage as e:
-                        bad.append(str(e))
-                        continue
-                    if not bad:  # after the first bad file, only check the rest
-                        row = first + i
-                        sink.write({"__key__": sample_key(row), ext: data, "cls": item.label, "id": row})
+            done = next((k for k, name in enumerate(names[split]) if name not in written), len(names[split]))
+            bar.update(min(done * shard_size, len(items)))  # finished by a stopped call with the same splits
+            if done < len(names[split]):
+                _write_tars(source, items, first, done, str(Path(staging) / f"{split}-%05d.tar"), shard_size,
+                            finished, bad, bar)
             if not bad:
                 shards[split] = [Shard(split, out / name, first + k * shard_size,
                                        min(shard_size, len(items) - k * shard_size), *written[name])
@@ -218,15 +257,39 @@ def _write_splits(source: IdxSource | FileSource, splits: dict[str, list[Item]],
     return shards
 
 
+def _write_tars(source: IdxSource | FileSource, items: list[Item], first: int, start: int, pattern: str,
+                shard_size: int, finished: Callable[[str], None], bad: list[str], bar: tqdm) -> None:
+    """Shards `start`, `start` + 1, ... of one split (its first row is `first`); each goes to `finished` once
+    whole, never one cut short by an exception. A file that is no image goes to `bad`."""
+    stopped = False
+
+    def whole(file: str) -> None:
+        if not stopped:
+            finished(file)
+
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=MEMBER_MTIME, post=whole,
+                         start_shard=start) as sink:
+        try:
+            for i in range(start * shard_size, len(items)):
+                bar.update()
+                try:
+                    data, ext = source.read(items[i].ref)
+                except BadImage as e:
+                    bad.append(str(e))
+                    continue
+                if not bad:  # after the first bad file, only check the rest
+                    row = first + i
+                    sink.write({"__key__": sample_key(row), ext: data, "cls": items[i].label, "id": row})
+        except BaseException:
+            stopped = True  # the writer's exit still closes the shard in hand and hands it to `post`
+            raise
+
+
 def _remove_shards(out: Location, names: list[str], created: bool) -> None:
     """Remove the tar files a failed write_shards may have left (and `out` itself when it made it and it is empty)."""
     for name in names:
         with contextlib.suppress(OSError):
-            if isinstance(out, UrlPath):
-                if (out / name).exists():
-                    out.fs.rm_file((out / name).path)
-            else:
-                (out / name).unlink(missing_ok=True)
+            (out / name).unlink(missing_ok=True)
     if created and not isinstance(out, UrlPath):
         with contextlib.suppress(OSError):
             out.rmdir()
@@ -259,12 +322,7 @@ def save_manifest(manifest: Manifest) -> None:
             for split, shards in manifest.splits.items()
         },
     }
-    text, path = json.dumps(doc, indent=1), manifest.root / MANIFEST
-    if isinstance(path, UrlPath):
-        path.write_text(text)  # one PUT: whole or nothing
-    else:
-        with atomic_write(path) as tmp:  # a kill never leaves a cut-off manifest
-            tmp.write_text(text)
+    _write_json(manifest.root / MANIFEST, doc)
 
 
 def load_manifest(root: Location | str) -> Manifest:
