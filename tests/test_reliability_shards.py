@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from dho_pipeline.cli import main
+from dho_pipeline.data import shards as shards_module
 from dho_pipeline.data.shards import PROGRESS, load_manifest
-from dho_pipeline.data.sources import IdxSource
+from dho_pipeline.data.sources import BadImage, IdxSource
 from dho_pipeline.locations import location
 from tests.conftest import one_line_error
 
@@ -74,3 +75,40 @@ def test_a_stopped_make_shards_is_not_continued_with_other_arguments(fmnist, tmp
     one_line_error(make_shards(fmnist, str(out), "--seed", "2"), str(out / PROGRESS), "other arguments",
                    "rerun that command")
     assert make_shards(fmnist, str(out)).exit_code == 0
+
+
+def test_a_make_shards_stopped_after_a_file_that_is_no_image_still_keeps_nothing_of_it(fmnist, tmp_path, monkeypatch):
+    out, read, reads, broken = tmp_path / "out", IdxSource.read, [], []
+
+    def read_with_one_broken(self, ref):
+        reads.append(ref)
+        if len(reads) == 36 and not broken:
+            broken.append(ref)  # the 36th image (in labelled-00001) is no image, in every call
+        if ref in broken:
+            raise BadImage(f"{ref}: cannot identify image file")
+        if len(reads) == STOP_AT:
+            raise KeyboardInterrupt
+        return read(self, ref)
+
+    monkeypatch.setattr(IdxSource, "read", read_with_one_broken)
+    assert make_shards(fmnist, str(out)).exit_code == 130
+    progress = json.loads((out / PROGRESS).read_text())
+    assert sorted(progress["shards"]) == ["labelled-00000.tar"], "no shard cut short by the bad image is kept"
+    one_line_error(make_shards(fmnist, str(out)), "1 source file", str(broken[0]), "nothing written")
+    assert not list(out.iterdir())
+
+
+def test_a_make_shards_stopped_after_its_manifest_is_finished_by_the_same_command(fmnist, tmp_path, monkeypatch):
+    out, save = tmp_path / "out", shards_module.save_manifest
+
+    def save_then_stop(manifest):
+        save(manifest)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards_module, "save_manifest", save_then_stop)
+        assert make_shards(fmnist, str(out)).exit_code == 130
+    assert (out / "manifest.json").exists() and (out / PROGRESS).exists()
+    assert make_shards(fmnist, str(out)).exit_code == 0
+    assert not (out / PROGRESS).exists()
+    load_manifest(out).check_files(load_manifest(out).shards())

@@ -144,15 +144,18 @@ def write_shards(
     can name it.
     """
     out = location(out)
-    if (out / MANIFEST).exists():
-        raise FileExistsError(f"{out / MANIFEST} exists: shards are immutable once a store refers to them; "
-                              "write to a new directory")
     remote = isinstance(out, UrlPath)
     if remote and not out.writable:
         raise LocationError(f"{out}: {out.protocol}:// is read-only; write shards to a local folder or an object "
                             "store")
     plan = _plan_digest(source, splits, shard_size, info)
-    written = _finished_before(out, plan)  # file name -> (sha256, bytes)
+    if (out / MANIFEST).exists() and _finished_before(out, plan) is not None:  # stopped after the manifest
+        (out / PROGRESS).unlink()
+        return load_manifest(out)
+    if (out / MANIFEST).exists():
+        raise FileExistsError(f"{out / MANIFEST} exists: shards are immutable once a store refers to them; "
+                              "write to a new directory")
+    written = _finished_before(out, plan) or {}  # file name -> (sha256, bytes)
 
     def finished(file: str) -> None:
         local = Path(file)
@@ -161,7 +164,7 @@ def write_shards(
             out.fs.put_file(str(local), (out / local.name).path)
             local.unlink()
         written[local.name] = (sha, size)
-        _write_json(out / PROGRESS, {"format": PROGRESS_FORMAT, "plan": plan, "shards": written})
+        _write_json(out / PROGRESS, {"format": PROGRESS_FORMAT, "plan": plan, "info": info, "shards": written})
 
     created = not out.exists()
     names = {split: [f"{split}-{k:05d}.tar" for k in range(math.ceil(len(items) / shard_size))]
@@ -180,7 +183,7 @@ def write_shards(
                  for split, split_names in names.items() for k, name in enumerate(split_names)}
         (out / SOURCES).write_text(json.dumps({"format": SOURCES_FORMAT, "shards": files}))
     save_manifest(manifest)
-    (out / PROGRESS).unlink()
+    (out / PROGRESS).unlink(missing_ok=True)  # none when every split is empty
     return manifest
 
 
@@ -195,19 +198,19 @@ def _plan_digest(source: IdxSource | FileSource, splits: dict[str, list[Item]], 
     return h.hexdigest()
 
 
-def _finished_before(out: Location, plan: str) -> dict[str, tuple[str, int]]:
-    """The shards a stopped call with the same plan finished in `out` (each still there at its size); refuses
-    the progress of another plan, whose shards this call would overwrite."""
+def _finished_before(out: Location, plan: str) -> dict[str, tuple[str, int]] | None:
+    """The shards a stopped call with the same plan finished in `out` (each still there at its size); None
+    without a progress file. Refuses the progress of another plan, whose shards this call would overwrite."""
     try:
         progress = json.loads((out / PROGRESS).read_text())
     except FileNotFoundError:
-        return {}
+        return None
     except ValueError:
         progress = {}
     if progress.get("format") != PROGRESS_FORMAT or progress.get("plan") != plan:
         raise FileExistsError(f"{out / PROGRESS}: {out} holds the shards of a stopped make-shards with other "
-                              "arguments or source images (or a damaged progress file): rerun that command to "
-                              "finish it, or write to a new directory")
+                              "arguments or another source (its arguments are under 'info' in that file, unless "
+                              "it is damaged): rerun that command to finish it, or write to a new directory")
     return {name: (sha, size) for name, (sha, size) in progress["shards"].items()
             if (out / name).exists() and (out / name).stat().st_size == size}
 
@@ -264,11 +267,12 @@ def _write_tars(source: IdxSource | FileSource, items: list[Item], first: int, s
     stopped = False
 
     def whole(file: str) -> None:
-        if not stopped:
+        if not stopped and not bad:  # nor one cut short by a file that is no image: nothing of those is kept
             finished(file)
 
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=MEMBER_MTIME, post=whole,
-                         start_shard=start) as sink:
+    # maxsize: a shard is shard_size samples whatever their bytes (webdataset starts a new file at 3 GB)
+    with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=MEMBER_MTIME,
+                         post=whole, start_shard=start) as sink:
         try:
             for i in range(start * shard_size, len(items)):
                 bar.update()
