@@ -1,4 +1,5 @@
-"""Replace a local file whole or not at all: write a temporary file beside it, then rename it over the file."""
+"""Replace a file whole or not at all: on a local disk, write a temporary file beside it and rename it over the
+file; on an object store, one PUT."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from dho_pipeline.locations import Location, UrlPath
 
 
 @contextlib.contextmanager
@@ -24,3 +27,12 @@ def atomic_write(path: Path, own_name: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_whole(path: Location, data: bytes, own_name: bool = False) -> None:
+    """Make `data` the whole file at `path`, local (through atomic_write, `own_name` as there) or an object."""
+    if isinstance(path, UrlPath):
+        path.write_bytes(data)  # one PUT: whole or nothing
+    else:
+        with atomic_write(path, own_name) as tmp:
+            tmp.write_bytes(data)

@@ -19,7 +19,7 @@ import webdataset as wds
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from dho_pipeline.atomic_write import atomic_write
+from dho_pipeline.atomic_write import write_whole
 from dho_pipeline.data.sources import BadImage, FileSource, IdxSource, Item
 from dho_pipeline.errors import DhoError
 from dho_pipeline.locations import Location, LocationError, UrlPath, location
@@ -149,10 +149,10 @@ def write_shards(
         raise LocationError(f"{out}: {out.protocol}:// is read-only; write shards to a local folder or an object "
                             "store")
     plan = _plan_digest(source, splits, shard_size, info)
-    if (out / MANIFEST).exists() and _finished_before(out, plan) is not None:  # stopped after the manifest
-        (out / PROGRESS).unlink()
-        return load_manifest(out)
     if (out / MANIFEST).exists():
+        if _finished_before(out, plan) is not None:  # stopped between writing the manifest and the end
+            (out / PROGRESS).unlink()
+            return load_manifest(out)
         raise FileExistsError(f"{out / MANIFEST} exists: shards are immutable once a store refers to them; "
                               "write to a new directory")
     written = _finished_before(out, plan) or {}  # file name -> (sha256, bytes)
@@ -164,7 +164,8 @@ def write_shards(
             out.fs.put_file(str(local), (out / local.name).path)
             local.unlink()
         written[local.name] = (sha, size)
-        _write_json(out / PROGRESS, {"format": PROGRESS_FORMAT, "plan": plan, "info": info, "shards": written})
+        progress = {"format": PROGRESS_FORMAT, "plan": plan, "info": info, "shards": written}
+        write_whole(out / PROGRESS, json.dumps(progress, indent=1).encode())
 
     created = not out.exists()
     names = {split: [f"{split}-{k:05d}.tar" for k in range(math.ceil(len(items) / shard_size))]
@@ -213,16 +214,6 @@ def _finished_before(out: Location, plan: str) -> dict[str, tuple[str, int]] | N
                               "it is damaged): rerun that command to finish it, or write to a new directory")
     return {name: (sha, size) for name, (sha, size) in progress["shards"].items()
             if (out / name).exists() and (out / name).stat().st_size == size}
-
-
-def _write_json(path: Location, doc: dict) -> None:
-    """Replace the JSON file at `path` whole: one PUT on an object store, a rename on a local disk."""
-    text = json.dumps(doc, indent=1)
-    if isinstance(path, UrlPath):
-        path.write_text(text)
-    else:
-        with atomic_write(path) as tmp:  # a kill never leaves it cut off
-            tmp.write_text(text)
 
 
 def _write_splits(source: IdxSource | FileSource, splits: dict[str, list[Item]], names: dict[str, list[str]],
@@ -326,7 +317,7 @@ def save_manifest(manifest: Manifest) -> None:
             for split, shards in manifest.splits.items()
         },
     }
-    _write_json(manifest.root / MANIFEST, doc)
+    write_whole(manifest.root / MANIFEST, json.dumps(doc, indent=1).encode())  # a kill never leaves it cut off
 
 
 def load_manifest(root: Location | str) -> Manifest:

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dho_pipeline.atomic_write import atomic_write
+from dho_pipeline.atomic_write import write_whole
 from dho_pipeline.config import AdapterConfig, PipelineConfig
 from dho_pipeline.data.shards import Manifest, Shard
 from dho_pipeline.data.teacher_views import TeacherViewBatches
 from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, normalize
 from dho_pipeline.errors import CheckpointError, one_line, warn
-from dho_pipeline.locations import Location, UrlPath, location
+from dho_pipeline.locations import Location, location
 from dho_pipeline.runtime import Runtime
 from dho_pipeline.safe_load import safe_load
 from dho_pipeline.store.lookup import view_recipe
@@ -179,12 +179,8 @@ def save_adapter(path: Location, adapter: TipAdapter, teacher_fingerprint: dict,
     torch.save({"format": ADAPTER_FORMAT, "kind": adapter.kind, "keys": adapter.keys, "values": adapter.values,
                 "a": adapter.a, "b": adapter.b, "teacher": teacher_fingerprint, "report": report}, buf)
     data = buf.getvalue()
-    if isinstance(path, UrlPath):
-        path.write_bytes(data)  # one PUT: whole or nothing
-    else:
-        # a name of its own: two jobs fitting the same adapter at once must not write one temporary file
-        with atomic_write(path, own_name=True) as tmp:
-            tmp.write_bytes(data)
+    # a name of its own: two jobs fitting the same adapter at once must not write one temporary file
+    write_whole(path, data, own_name=True)
     return hashlib.sha256(data).hexdigest()
 
 
