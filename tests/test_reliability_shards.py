@@ -4,6 +4,7 @@ writes only the rest: the same shards as an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -112,3 +113,19 @@ def test_a_make_shards_stopped_after_its_manifest_is_finished_by_the_same_comman
     assert make_shards(fmnist, str(out)).exit_code == 0
     assert not (out / PROGRESS).exists()
     load_manifest(out).check_files(load_manifest(out).shards())
+
+
+def test_a_shard_is_on_the_disk_before_the_progress_file_lists_it(fmnist, tmp_path, monkeypatch):
+    flushed, listed_unflushed = set(), []
+    real_fsync, real_write_whole = os.fsync, shards_module.write_whole
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.add(os.fstat(fd).st_ino), real_fsync(fd)))
+
+    def checked_write_whole(path, data, own_name=False):
+        if path.name == PROGRESS:
+            listed = json.loads(data)["shards"]
+            listed_unflushed.extend(n for n in listed if (path.parent / n).stat().st_ino not in flushed)
+        real_write_whole(path, data, own_name)
+
+    monkeypatch.setattr(shards_module, "write_whole", checked_write_whole)
+    assert make_shards(fmnist, str(tmp_path / "out")).exit_code == 0
+    assert flushed and listed_unflushed == []

@@ -19,7 +19,7 @@ import webdataset as wds
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from dho_pipeline.atomic_write import write_whole
+from dho_pipeline.atomic_write import flush_to_disk, write_whole
 from dho_pipeline.data.sources import BadImage, FileSource, IdxSource, Item
 from dho_pipeline.errors import DhoError
 from dho_pipeline.locations import Location, LocationError, UrlPath, location
@@ -163,6 +163,8 @@ def write_shards(
         if remote:
             out.fs.put_file(str(local), (out / local.name).path)
             local.unlink()
+        else:
+            flush_to_disk(local)  # before the progress file lists it: a power cut never leaves a listed shard short
         written[local.name] = (sha, size)
         progress = {"format": PROGRESS_FORMAT, "plan": plan, "info": info, "shards": written}
         write_whole(out / PROGRESS, json.dumps(progress, indent=1).encode())

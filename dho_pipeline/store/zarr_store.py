@@ -38,6 +38,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from dho_pipeline.atomic_write import flush_to_disk
 from dho_pipeline.data.shards import Manifest, Shard
 from dho_pipeline.errors import DhoError, disk_full, is_disk_full, one_line
 from dho_pipeline.locations import STORAGE_OPTIONS, Location, LocationError, UrlPath, location
@@ -594,7 +595,11 @@ def _publish(building: Location, path: Location) -> None:
     zarr.json (whose attributes make it a teacher store) last, then the building copy is removed.
     """
     if not isinstance(building, UrlPath):
+        # on the disk before the rename: a power cut leaves no store of empty metadata files
+        for item in [*building.rglob("*"), building]:
+            flush_to_disk(item)
         os.rename(building, path)
+        flush_to_disk(path.parent)
         return
     group_json = building / "zarr.json"
     files = sorted(_files(building), key=lambda f: f == group_json)
