@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import multiprocessing
 import os
 import signal
@@ -29,11 +30,39 @@ from dho_pipeline.teacher.open_clip_teacher import register_model_configs
 SHARD_SIZE = 32
 WORKER_EXIT_S = 10  # how long a test's worker processes may take to exit after it
 
+
+
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (`docker --cpus`, CI
+    runners), which neither the affinity nor pytest-xdist's own count sees."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(cgroup: Path) -> float | None:
+    """The CPUs a cgroup's quota allows (cgroup v2's cpu.max, else v1's cpu.cfs_quota_us); None without one."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    return None if quota in ("max", "-1") else int(quota) / int(period)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core this process may use (see available_cores)."""
+    return available_cores()
+
+
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # pytest-xdist workers share the cores: an equal part each, for torch here and for the commands tests start
     # (OpenMP threads beyond the cores spin-wait against each other: tens of times slower)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    threads = max(1, available_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
