@@ -19,10 +19,10 @@ import numpy as np
 import yaml
 
 from dho_pipeline.config import PipelineConfig, load_config
-from dho_pipeline.data.shards import MANIFEST, write_shards
+from dho_pipeline.data.shards import MANIFEST, load_manifest, write_shards
 from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource, Item
 from dho_pipeline.data.splits import assign_splits
-from dho_pipeline.errors import CheckpointError
+from dho_pipeline.errors import CheckpointError, DhoError
 from dho_pipeline.store.report import summarize
 from dho_pipeline.store.zarr_store import stores_under
 from dho_pipeline.teacher.templates import TEMPLATES
@@ -165,6 +165,28 @@ def experiment_config(folder: Path, shards: Path, teacher: Path, setting: Settin
     return path
 
 
+def setting_shards(out: Path, source: IdxSource, train_items: list[Item], setting: Setting, plan: DemoPlan) -> Path:
+    """The shards of a setting's label budget under `out`, written once; shards an earlier plan split otherwise
+    (other split sizes, teacher pool or seed) are refused rather than reused."""
+    shards = out / "shards" / setting.budget
+    split = {"shots": setting.shots, "percent": setting.percent, "val_per_class": plan.val_per_class,
+             "test_per_class": plan.test_per_class, "max_train_per_class": plan.unlabelled_per_class,
+             "teacher_pool": plan.teacher_pool, "seed": 1}
+    if (shards / MANIFEST).exists():
+        made = load_manifest(shards).info.get("demo_split", split)  # none from before the demo recorded it
+        if made != split:
+            changed = ", ".join(f"{k} {made.get(k)} -> {v}" for k, v in split.items() if made.get(k) != v)
+            raise DhoError(f"{shards} holds the {setting.budget} shards of another demo plan ({changed}): "
+                           "use another --out, or remove that folder")
+        return shards
+    splits = assign_splits(train_items, source.items("test"), len(source.class_names), shots=setting.shots,
+                           percent=setting.percent, val_per_class=plan.val_per_class,
+                           test_per_class=plan.test_per_class, max_train_per_class=plan.unlabelled_per_class,
+                           seed=split["seed"])
+    write_shards(source, splits, shards, shard_size=1000, info={"demo_split": split})
+    return shards
+
+
 def run(out: Path, plan: DemoPlan, log: Callable[[str], None] = print, retrain: bool = False) -> dict:
     """Run every setting of `plan` under `out`; returns (and writes) results.json, results.md and results.png.
 
@@ -201,13 +223,7 @@ def run(out: Path, plan: DemoPlan, log: Callable[[str], None] = print, retrain: 
     results: dict = {"plan": asdict(plan), "settings": {}, "timings": timings, "reused": reused}
     for setting in settings:
         log(f"== {setting.name}")
-        shards = out / "shards" / setting.budget
-        if not (shards / MANIFEST).exists():
-            splits = assign_splits(train_items, source.items("test"), len(source.class_names), shots=setting.shots,
-                                   percent=setting.percent, val_per_class=plan.val_per_class,
-                                   test_per_class=plan.test_per_class,
-                                   max_train_per_class=plan.unlabelled_per_class, seed=1)
-            write_shards(source, splits, shards, shard_size=1000)
+        shards = setting_shards(out, source, train_items, setting, plan)
         config = experiment_config(out / setting.folder, shards, teachers[setting.teacher], setting, plan)
         tick, earlier_stores = time.perf_counter(), {str(path) for path in stores_under(out / "cache")}
         store = cache_teacher.run(load_config(config)).path

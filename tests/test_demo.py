@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from benchmarks.demo_time import main as demo_time
 from dho_pipeline.config import load_config
+from dho_pipeline.errors import DhoError
 from dho_pipeline.student.checkpoint import load_checkpoint
 from stages import train_student
 from stages.demo import METHOD_OVERRIDES, METHODS, DemoPlan, Setting, TeacherRecipe, results_table, run
@@ -66,6 +67,9 @@ def test_a_second_call_continues_the_first_and_retrain_trains_every_run_again(tm
     assert (runs / "ce_only-seed0" / "final.pt").read_bytes() == finished  # kept as it was
     assert again["reused"] == ["teacher strong", "4-shot store", "4-shot/ce_only/seed0", "4-shot/dho/seed0"]
     assert set(again["timings"]) == {"total_s"}  # the reused work has no time in this call
+
+    with pytest.raises(DhoError, match=r"4-shot shards of another demo plan \(test_per_class 5 -> 6\)"):
+        run(tmp_path, replace(plan, test_per_class=6), log=said.append)  # other splits: never the old shards
 
     longer = run(tmp_path, replace(plan, steps=5), log=said.append)  # another plan: its runs train again
     assert f"training {runs / 'dho-seed0'} again: the plan changed since (train.steps 4 -> 5)" in said, said
