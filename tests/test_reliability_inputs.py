@@ -168,3 +168,27 @@ def test_an_image_past_pils_pixel_limit_is_named_as_such(fmnist, monkeypatch, tm
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 28x28 image is past twice this: PIL refuses it
     with pytest.raises(BadImage, match=r"shoe\.png: Image size \(784 pixels\) exceeds .*MAX_IMAGE_PIXELS"):
         check_image(fmnist.read(("test", 0))[0], tmp_path / "shoe.png")
+
+
+def test_a_student_weights_file_of_another_model_is_refused_not_trained_from_random_init(tmp_path, teacher_file):
+    import timm
+
+    trained = timm.create_model("resnet10t", num_classes=7)
+    torch.save(trained.state_dict(), tmp_path / "resnet10t.pth")  # with its classifier: dropped, as expected
+    config = StudentConfig(model="resnet10t", pretrained_file="resnet10t.pth")
+    student, _ = build_student(config, ["a", "b"], base=tmp_path)
+    assert all(torch.equal(student.backbone.state_dict()[k], v) for k, v in trained.state_dict().items()
+               if not k.startswith("fc."))
+
+    torch.save(timm.create_model("resnet14t").state_dict(), tmp_path / "resnet14t.pth")
+    torch.save({**trained.state_dict(), "layer5.0.conv1.weight": torch.zeros(1)}, tmp_path / "deeper.pth")
+    (tmp_path / "notes.txt").write_text("not weights")
+    for file, says in [("resnet14t.pth", "does not fit timm resnet10t (size mismatch for layer1.0.conv1.weight"),
+                       ("deeper.pth", "holds 1 weight it has not (e.g. layer5.0.conv1.weight)"),
+                       (teacher_file, "lacks"),  # the tiny CLIP teacher: no key of a resnet, which timm would allow
+                       ("notes.txt", "is no weights file timm reads")]:
+        with pytest.raises(ConfigError, match=f"student.pretrained_file: .*{Path(file).name} .*{re.escape(says)}"):
+            build_student(StudentConfig(model="resnet10t", pretrained_file=str(file)), ["a", "b"], base=tmp_path)
+    with pytest.raises(ConfigError, match="student.pretrained_file: .*resnet10t.pth does not load into open_clip"):
+        build_student(StudentConfig(kind="open_clip", model="dho-tiny-clip", pretrained_file="resnet10t.pth"),
+                      ["a", "b"], base=tmp_path)

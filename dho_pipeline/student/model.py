@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dho_pipeline.config import ConfigError, StudentConfig
+from dho_pipeline.errors import one_line
 from dho_pipeline.teacher.open_clip_teacher import LOGIT_SCALE, register_model_configs
 from dho_pipeline.teacher.templates import resolve_templates
 
@@ -53,18 +54,42 @@ def _unknown_model(name: str, known: list[str], library: str) -> ConfigError:
 def _timm_student(cfg: StudentConfig, num_classes: int, base: Path) -> tuple[DualHeadStudent, StudentData]:
     if timm.models.parse_model_name(cfg.model)[0] is None and not timm.is_model(cfg.model):
         raise _unknown_model(cfg.model, timm.list_models(), "timm")
+    backbone = timm.create_model(cfg.model, pretrained=False, num_classes=0)
     if cfg.pretrained_file:
-        weights = base / cfg.pretrained_file
-        if not weights.is_file():
-            raise FileNotFoundError(f"student.pretrained_file: {weights} not found")
-        backbone = timm.create_model(cfg.model, pretrained=True, num_classes=0,
-                                     pretrained_cfg_overlay=dict(file=str(weights)))
-    else:
-        backbone = timm.create_model(cfg.model, pretrained=False, num_classes=0)
+        load_backbone_weights(backbone, base / cfg.pretrained_file, cfg.model)
     data = timm.data.resolve_model_data_config(backbone)
     size = cfg.image_size or int(data["input_size"][-1])
     student = DualHeadStudent(backbone, backbone.num_features, num_classes)
     return student, StudentData(size, tuple(cfg.image_mean or data["mean"]), tuple(cfg.image_std or data["std"]))
+
+
+def load_backbone_weights(backbone: nn.Module, weights: Path, model: str) -> None:
+    """Load a timm weights file (.safetensors, or torch.save of a state dict) into a classifier-less backbone.
+
+    Every backbone weight must come from the file at its shape; only the file's classifier may be left over.
+    timm's own pretrained loading is lenient once the classifier is dropped, and would train a file of another
+    model from random init with no more than a logged warning.
+    """
+    if not weights.is_file():
+        raise FileNotFoundError(f"student.pretrained_file: {weights} not found")
+    try:
+        state = timm.models.load_state_dict(str(weights))  # weights only: loading runs no code
+    except Exception as e:
+        raise ConfigError(f"student.pretrained_file: {weights} is no weights file timm reads ({one_line(e)})") from e
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a weight of another shape: the first one named
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), one_line(e))
+        raise ConfigError(f"student.pretrained_file: {weights} does not fit timm {model} ({mismatch})") from e
+    classifier = backbone.pretrained_cfg.get("classifier") or "fc"
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    extra = [k for k in result.unexpected_keys if not any(k.startswith(f"{name}.") for name in names)]
+    missing = result.missing_keys
+    if missing or extra:
+        problem = (f"lacks {len(missing)} of its {len(backbone.state_dict())} weights (e.g. {missing[0]})" if missing
+                   else f"holds {len(extra)} weight{'s' * (len(extra) > 1)} it has not (e.g. {extra[0]})")
+        raise ConfigError(f"student.pretrained_file: {weights} is not a timm {model}: it {problem}; the file of "
+                          "another model?")
 
 
 def _open_clip_student(cfg: StudentConfig, class_names: list[str], templates: list[str],
@@ -73,8 +98,16 @@ def _open_clip_student(cfg: StudentConfig, class_names: list[str], templates: li
     register_model_configs()
     if open_clip.get_model_config(cfg.model) is None and not cfg.model.startswith(("hf-hub:", "local-dir:")):
         raise _unknown_model(cfg.model, open_clip.list_models(), "open_clip")
-    pretrained = str(base / cfg.pretrained_file) if cfg.pretrained_file else None
-    clip = open_clip.create_model(cfg.model, pretrained=pretrained)
+    pretrained = base / cfg.pretrained_file if cfg.pretrained_file else None
+    if pretrained is not None and not pretrained.is_file():
+        raise FileNotFoundError(f"student.pretrained_file: {pretrained} not found")
+    try:
+        clip = open_clip.create_model(cfg.model, pretrained=str(pretrained) if pretrained else None)
+    except Exception as e:  # open_clip loads strictly: a missing, extra or misshapen weight, or no checkpoint
+        if pretrained is None:
+            raise
+        raise ConfigError(f"student.pretrained_file: {pretrained} does not load into open_clip {cfg.model} "
+                          f"({one_line(e)[:200]})") from e
     with torch.no_grad():
         weights = open_clip.build_zero_shot_classifier(
             clip, open_clip.get_tokenizer(cfg.model), class_names, templates).float().T  # (C, D)
