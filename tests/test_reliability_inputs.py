@@ -6,6 +6,7 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -192,3 +193,16 @@ def test_a_student_weights_file_of_another_model_is_refused_not_trained_from_ran
     with pytest.raises(ConfigError, match="student.pretrained_file: .*resnet10t.pth does not load into open_clip"):
         build_student(StudentConfig(kind="open_clip", model="dho-tiny-clip", pretrained_file="resnet10t.pth"),
                       ["a", "b"], base=tmp_path)
+
+
+def test_a_16_bit_grey_png_decodes_to_its_top_8_bits_not_to_white(fmnist):
+    from dho_pipeline.data.views import decode_image
+
+    grey = np.array(Image.open(io.BytesIO(fmnist.read(("test", 0))[0])))  # a real 28x28 image
+    wide = grey.astype(np.uint16) * 257  # the same picture at 16 bits: 0..65535
+    for picture in (wide, grey):
+        png = io.BytesIO()
+        Image.fromarray(picture).save(png, format="PNG")
+        decoded = decode_image(png.getvalue())
+        assert decoded.dtype == torch.uint8 and decoded.shape == (3, 28, 28)
+        assert all(torch.equal(channel, torch.from_numpy(grey)) for channel in decoded)

@@ -38,7 +38,11 @@ def decode_image(data: bytes) -> torch.Tensor:
     except UnidentifiedImageError:
         raise ValueError(f"not an image in any format PIL reads (it begins {data[:16]!r})") from None
     with img:
-        rgb = np.asarray(img.convert("RGB"))
+        if img.mode.startswith("I"):  # 16-bit grey (I;16, or I from older PIL): convert("RGB") would clip it white
+            grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+            rgb = np.repeat(grey[..., None], 3, axis=2)
+        else:
+            rgb = np.asarray(img.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
