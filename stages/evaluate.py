@@ -48,7 +48,7 @@ def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Sha
     paths = where.expand() if isinstance(where, UrlPath) else [Path(p) for p in sorted(glob.glob(pattern))]
     if not paths:
         raise FileNotFoundError(f"--shards {name}={pattern}: no files match, and it is no folder of make-shards")
-    return [Shard(name, p, -1, 0, "") for p in paths], None
+    return [Shard(name, p, -1, 0, "", num_classes=len(class_names)) for p in paths], None
 
 
 def teacher_accuracy(store_path: str | None, fingerprint: str | None, shards: list[Shard],

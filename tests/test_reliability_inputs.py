@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from PIL import Image
 from dho_pipeline.cli import main
 from dho_pipeline.config import ConfigError, StudentConfig
 from dho_pipeline.data.samples import parse_sample
-from dho_pipeline.data.shards import ShardDataError, iter_shard, load_manifest
+from dho_pipeline.data.shards import MANIFEST_FORMAT, ShardDataError, iter_shard, load_manifest
 from dho_pipeline.data.sources import BadImage, check_image
 from dho_pipeline.student.model import build_student
 from tests.conftest import one_line_error, write_config
@@ -138,10 +140,13 @@ def test_a_teacher_file_that_is_not_a_checkpoint_of_the_model_is_named_in_one_li
     (["teacher.model=ViT-Q-99"], "teacher.model: unknown open_clip model 'ViT-Q-99'"),
     (["teacher.templates=nope"], "teacher.templates: unknown template set 'nope' (known: aircraft,"),
     (["teacher.extra_templates=[x]"], "teacher.extra_templates: template 'x' has no '{}'"),
+    (["teacher.extra_templates=['a {} of {}']"], "teacher.extra_templates: template 'a {} of {}' takes one class "
+     "name at '{}' (IndexError: Replacement index 1 out of range"),
+    (["teacher.extra_templates=['a {} {x']"], "template 'a {} {x' takes one class name at '{}' (ValueError"),
     (["teacher.pretrained=openai"], "teacher.pretrained: 'openai' is no file (not at "),
     (["teacher.model=ViT-B-32", "teacher.pretrained=openai"], "teacher.pretrained: 'openai' is a hub tag that needs "
      "a download, which failed (OSError: Name or service not known); give a local checkpoint file"),
-], ids=["model", "templates", "extra-templates", "unknown-tag", "tag-offline"])
+], ids=["model", "templates", "extra-templates", "two-slots", "open-brace", "unknown-tag", "tag-offline"])
 def test_a_teacher_that_cannot_be_built_is_named_in_one_line(overrides, says, tmp_path, shards_dir, teacher_file,
                                                               monkeypatch):
     def offline(*args, **kwargs):
@@ -206,3 +211,27 @@ def test_a_16_bit_grey_png_decodes_to_its_top_8_bits_not_to_white(fmnist):
         decoded = decode_image(png.getvalue())
         assert decoded.dtype == torch.uint8 and decoded.shape == (3, 28, 28)
         assert all(torch.equal(channel, torch.from_numpy(grey)) for channel in decoded)
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (lambda text: text[:300], "not a readable manifest (Expecting"),  # cut off
+    (lambda text: text.replace(MANIFEST_FORMAT, "dho-shards/9"), "format 'dho-shards/9', expected"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "class_names"}),
+     "the manifest lacks the field 'class_names'"),
+], ids=["cut-off", "other-format", "no-classes"])
+def test_a_damaged_manifest_is_named_in_one_line(damage, says, tmp_path, shards_dir, teacher_file):
+    shards = Path(shutil.copytree(shards_dir, tmp_path / "shards"))
+    (shards / "manifest.json").write_text(damage((shards / "manifest.json").read_text()))
+    config = write_config(tmp_path / "pipeline.yaml", shards, teacher_file)
+    for command in (["cache-teacher", "-c", str(config)], ["train-student", "-c", str(config)]):
+        one_line_error(CliRunner().invoke(main, command), f"{shards / 'manifest.json'}: ", says)
+
+
+@pytest.mark.parametrize("label", [10, -1])
+def test_a_class_index_outside_the_manifests_classes_is_named(label, shards_dir):
+    shard = load_manifest(shards_dir).shards()[0]
+    raw = next(iter_shard(shard))
+    parse_sample(raw, shard, 0, skip_bad=False)  # as written: fine
+    with pytest.raises(ShardDataError, match=rf"{shard.path}: sample '{raw['__key__']}': class index {label}, "
+                                             r"outside the 10 classes \(0-9\)"):
+        parse_sample({**raw, "cls": str(label).encode()}, shard, 0, skip_bad=False)

@@ -27,6 +27,9 @@ def parse_sample(raw: dict, shard: Shard, position: int, skip_bad: bool) -> Samp
         row, label = int(raw["id"]), int(raw["cls"])
     except (KeyError, ValueError) as e:
         raise ShardDataError(f"{where}: missing or malformed 'id'/'cls' field ({e})") from None
+    if shard.num_classes is not None and not 0 <= label < shard.num_classes:
+        raise ShardDataError(f"{where}: class index {label}, outside the {shard.num_classes} classes (0-"
+                             f"{shard.num_classes - 1}): a shard changed after make-shards, or of another class list")
     expected = shard.first_row + position
     if shard.first_row >= 0 and row != expected:
         raise ShardDataError(f"{where}: row id {row}, but the manifest puts it at row {expected}; "

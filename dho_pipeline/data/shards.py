@@ -11,7 +11,7 @@ import math
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from dho_pipeline.atomic_write import flush_to_disk, write_whole
 from dho_pipeline.data.sources import BadImage, FileSource, IdxSource, Item
-from dho_pipeline.errors import DhoError
+from dho_pipeline.errors import DhoError, one_line
 from dho_pipeline.locations import Location, LocationError, UrlPath, location
 
 SPLITS = ("labelled", "unlabelled", "val", "test")
@@ -46,6 +46,7 @@ class Shard:
     """One tar file of a split and the global rows it holds: [first_row, first_row + count).
 
     `sha256` and `size` (bytes) are what make-shards wrote; empty / None for shard sets without a manifest.
+    `num_classes`: every sample's class index is below it (the manifest's classes), where known.
     """
 
     split: str
@@ -54,6 +55,7 @@ class Shard:
     count: int
     sha256: str
     size: int | None = None
+    num_classes: int | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -243,8 +245,8 @@ def _write_splits(source: IdxSource | FileSource, splits: dict[str, list[Item]],
                             finished, bad, bar)
             if not bad:
                 shards[split] = [Shard(split, out / name, first + k * shard_size,
-                                       min(shard_size, len(items) - k * shard_size), *written[name])
-                                 for k, name in enumerate(names[split])]
+                                       min(shard_size, len(items) - k * shard_size), *written[name],
+                                       len(source.class_names)) for k, name in enumerate(names[split])]
             next_row = first + len(names[split]) * shard_size
     if bad:
         more = f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
@@ -328,15 +330,25 @@ def load_manifest(root: Location | str) -> Manifest:
     path = root / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: make shards first with `dho make-shards SOURCE {root}`")
-    doc = json.loads(path.read_text())
-    if doc.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: format {doc.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    splits = {
-        split: [Shard(split, root / s["file"], s["first_row"], s["count"], s["sha256"], s.get("bytes"))
-                for s in entry["shards"]]
-        for split, entry in doc["splits"].items()
-    }
-    return Manifest(root, doc["class_names"], doc["shard_size"], splits, doc.get("info", {}))
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as e:  # cut off or edited by hand: JSONDecodeError, or bytes that are no UTF-8
+        raise ShardDataError(f"{path}: not a readable manifest ({one_line(e)}); rerun make-shards into a new "
+                             "directory") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ShardDataError(f"{path}: format {found!r}, expected {MANIFEST_FORMAT!r}: not a manifest this dho "
+                             "writes")
+    try:
+        splits = {
+            split: [Shard(split, root / s["file"], s["first_row"], s["count"], s["sha256"], s.get("bytes"),
+                          len(doc["class_names"])) for s in entry["shards"]]
+            for split, entry in doc["splits"].items()
+        }
+        return Manifest(root, doc["class_names"], doc["shard_size"], splits, doc.get("info", {}))
+    except (KeyError, TypeError, AttributeError) as e:
+        problem = f"lacks the field {e}" if isinstance(e, KeyError) else f"has a field of another type ({one_line(e)})"
+        raise ShardDataError(f"{path}: the manifest {problem}; rerun make-shards into a new directory") from None
 
 
 def read_shard_bytes(shard: Shard) -> bytes:

@@ -43,6 +43,11 @@ def resolve_templates(name: str | None, extra: list[str] | None = None) -> list[
     for t in templates:
         if "{}" not in t:
             raise ConfigError(f"teacher.extra_templates: template {t!r} has no '{{}}' for the class name")
+        try:
+            t.format("class")  # as open_clip fills it: one '{}', other braces doubled
+        except (IndexError, KeyError, ValueError) as e:
+            raise ConfigError(f"teacher.extra_templates: template {t!r} takes one class name at '{{}}' "
+                              f"({type(e).__name__}: {e}); write a literal brace as '{{{{' or '}}}}'") from None
     if not templates:
         raise ConfigError("teacher.templates: no templates given")
     return templates
