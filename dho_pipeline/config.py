@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -178,11 +179,14 @@ def _check(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+    if hint is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:  # YAML reads 5e-4 (no dot) as a string
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # YAML's .inf and .nan
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
@@ -286,7 +290,10 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 def _read_yaml(path: Path) -> dict[str, Any]:
     """The top-level mapping of the config file; bad YAML is named by file, line and column."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)

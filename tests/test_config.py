@@ -117,6 +117,9 @@ def test_a_set_path_found_only_from_the_current_folder_says_paths_are_relative_t
     (["train.lr=[1"], "--set train.lr=[1: not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
     (["trian.lr=3"], "--set trian.lr=3: trian: unknown field (did you mean train? known: cache,"),  # a mistyped section
     (["views.ratio.x=1"], "--set views.ratio.x=1: views.ratio"),
+    (["train.epochs=.inf"], "--set train.epochs=.inf: expected a finite number, got inf"),
+    (["views.ratio=[0.75, .inf]"], "--set views.ratio=[0.75, .inf]: views.ratio[1]: expected a finite number"),
+    (["train.grad_clip=.nan"], "--set train.grad_clip=.nan: expected a finite number, got nan"),
 ])
 @pytest.mark.parametrize("config", [EXAMPLE, None], ids=["file", "defaults"])
 def test_a_bad_set_is_named_not_the_config_file(config, overrides, message):
@@ -130,4 +133,11 @@ def test_bad_yaml_is_named_by_file_and_line(tmp_path):
     config.write_text("train:\n  lr: 1\n  out_dir: x: y\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}, line 3, column 13: not valid YAML: mapping "
                                           "values are not allowed here$"):
+        load_config(config)
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    config = tmp_path / "windows.yaml"
+    config.write_text("train:\n  lr: 0.001\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: not UTF-8 text \(byte 0: b'\\xff'\); save"):
         load_config(config)
