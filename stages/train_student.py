@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -29,12 +30,12 @@ from dho_pipeline.data.loader_workers import end_workers, start_loader
 from dho_pipeline.data.shards import Manifest, ShardDataError, load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream, clean_batches
 from dho_pipeline.data.views import normalize
-from dho_pipeline.errors import CheckpointError, DhoError, warn
+from dho_pipeline.errors import CheckpointError, DhoError, one_line, warn
 from dho_pipeline.metrics_log import MetricsLog
 from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
 from dho_pipeline.stop_request import StopRequest
 from dho_pipeline.store.lookup import find_store, view_recipe
-from dho_pipeline.store.zarr_store import field_value, fingerprint_diff
+from dho_pipeline.store.zarr_store import StoreError, field_value, fingerprint_diff
 from dho_pipeline.student.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dho_pipeline.student.evaluation import accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.student.losses import TopKLogits, training_loss
@@ -113,6 +114,7 @@ class RunContext:
     steps_per_epoch: int
     total_steps: int
     store_fingerprint: str | None = None  # the store's fingerprint hash, kept in every checkpoint
+    val_bad_rows: frozenset[int] = frozenset()  # val rows the store marks bad: left out of val, as in training
 
     @property
     def online(self) -> bool:
@@ -203,8 +205,11 @@ def setup_data(cfg: PipelineConfig) -> RunContext:
         warn(f"{manifest.root} has no val split, so final.pt keeps the default alpha {cfg.eval.default_alpha} and "
              f"beta {cfg.eval.default_beta} (eval.default_alpha/beta) instead of searching them: make shards with "
              "a val split (dho make-shards ... --val-per-class N) to search them")
+    val_bad = [] if store is None else [np.flatnonzero(store.shard_flags(s)[1]) + s.first_row
+                                        for s in manifest.splits.get("val", [])]
     return RunContext(cfg, runtime, manifest, str(store.path) if store else None, steps_per_epoch, total_steps,
-                      store.attrs["fingerprint_hash"] if store else None)
+                      store.attrs["fingerprint_hash"] if store else None,
+                      frozenset(int(row) for rows in val_bad for row in rows))
 
 
 def warn_if_views_run_out(random_views: int, passes: float) -> None:
@@ -485,7 +490,9 @@ def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkp
     """Run `steps`: log every train.log_every, validate every epoch, write last.pt every train.checkpoint_every.
 
     A step whose loss, or whose weights at a checkpoint, are not finite stops the run with TrainingDiverged.
-    SIGINT or SIGTERM ends the step under way, writes last.pt at it and raises TrainingStopped.
+    SIGINT or SIGTERM ends the step under way, writes last.pt at it and raises TrainingStopped. Data that cannot
+    be read (a shard damaged since the start, an image that does not decode) stops the run with last.pt written
+    at the last step done (one process; under torchrun at the last checkpoint_every).
     """
     tc, runtime = ctx.cfg.train, ctx.runtime
     net = DistributedDataParallel(student.model) if runtime.world_size > 1 else student.model
@@ -495,36 +502,49 @@ def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkp
     tick, seen = time.perf_counter(), 0
     previous: StepResult | None = None
     with StopRequest(runtime) as stop:
-        for step in tqdm(steps, desc="train-student", initial=steps.start, total=ctx.total_steps,
-                         disable=not runtime.is_main):
-            done = step + 1
-            inputs = feed.next()
-            loss, parts = step_loss(net, inputs, tc)
-            result = StepResult(done, inputs.rows, HostCopy({"loss": loss.detach(),
-                                                             "finite": finite_flag([loss], runtime), **parts}))
-            lr = optimizer_step(student, loss, tc)
-            if previous is not None:  # read one step late, so the device never waits for the host
-                previous.values_or_raise(ctx, checkpoints)
-            previous = result
-            seen += len(inputs.images)
-            if done % tc.log_every == 0 or done == ctx.total_steps:
-                values = result.values_or_raise(ctx, checkpoints)
-                elapsed = time.perf_counter() - tick
-                metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, **values, "lr": lr,
-                               "images_per_s": seen * runtime.world_size / max(elapsed, 1e-9)})
-                tick, seen = time.perf_counter(), 0
-            if runtime.is_main and val_shards and (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps):
-                metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch,
-                               "val": validate(student.model, val_shards, student.data, runtime.device, ctx.cfg)})
-            stopping = stop.signal_number is not None and done < steps.stop
-            if done % tc.checkpoint_every == 0 or done == steps.stop or stopping:
-                result.values_or_raise(ctx, checkpoints)
-                weights = [t for t in student.model.state_dict().values() if t.is_floating_point()]
-                if not bool(finite_flag(weights, runtime)):
-                    raise diverged(ctx, checkpoints, done, inputs.rows, "the weights are not finite after it")
-                checkpoints.save(student, done)
-            if stopping:
-                raise TrainingStopped(f"stopped at step {done}: last.pt kept", stop.signal_number)
+        try:
+            for step in tqdm(steps, desc="train-student", initial=steps.start, total=ctx.total_steps,
+                             disable=not runtime.is_main):
+                done = step + 1
+                inputs = feed.next()
+                loss, parts = step_loss(net, inputs, tc)
+                result = StepResult(done, inputs.rows, HostCopy({"loss": loss.detach(),
+                                                                 "finite": finite_flag([loss], runtime), **parts}))
+                lr = optimizer_step(student, loss, tc)
+                if previous is not None:  # read one step late, so the device never waits for the host
+                    previous.values_or_raise(ctx, checkpoints)
+                previous = result
+                seen += len(inputs.images)
+                if done % tc.log_every == 0 or done == ctx.total_steps:
+                    values = result.values_or_raise(ctx, checkpoints)
+                    elapsed = time.perf_counter() - tick
+                    metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, **values, "lr": lr,
+                                   "images_per_s": seen * runtime.world_size / max(elapsed, 1e-9)})
+                    tick, seen = time.perf_counter(), 0
+                if runtime.is_main and val_shards and (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps):
+                    metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch,
+                                   "val": validate(student.model, val_shards, student.data, runtime.device, ctx.cfg,
+                                                   ctx.val_bad_rows)})
+                stopping = stop.signal_number is not None and done < steps.stop
+                if done % tc.checkpoint_every == 0 or done == steps.stop or stopping:
+                    save_checked(ctx, student, checkpoints, result)
+                if stopping:
+                    raise TrainingStopped(f"stopped at step {done}: last.pt kept", stop.signal_number)
+        except (ShardDataError, StoreError) as error:
+            if previous is None or previous.step == checkpoints.last_step or runtime.world_size > 1:
+                raise  # nothing done since last.pt; or other ranks, which would wait in save's collectives
+            save_checked(ctx, student, checkpoints, previous)
+            raise type(error)(f"{one_line(error)}; last.pt kept at step {previous.step}: once the data is fixed, "
+                              "continue with train-student --resume") from error
+
+
+def save_checked(ctx: RunContext, student: Student, checkpoints: Checkpoints, result: StepResult) -> None:
+    """last.pt at `result`'s step, once its loss and then the weights are known finite (else TrainingDiverged)."""
+    result.values_or_raise(ctx, checkpoints)
+    weights = [t for t in student.model.state_dict().values() if t.is_floating_point()]
+    if not bool(finite_flag(weights, ctx.runtime)):
+        raise diverged(ctx, checkpoints, result.step, result.rows, "the weights are not finite after it")
+    checkpoints.save(student, result.step)
 
 
 @dataclass
@@ -598,7 +618,7 @@ def save_final(ctx: RunContext, student: Student, checkpoints: Checkpoints) -> N
     val_shards = ctx.manifest.splits.get("val", [])
     if ctx.runtime.is_main and val_shards:
         batches = clean_batches(val_shards, student.data.image_size, cfg.eval.batch_size,
-                                skip_bad=cfg.data.on_bad_image == "skip")
+                                skip_bad=cfg.data.on_bad_image == "skip", bad_rows=ctx.val_bad_rows)
         out = head_outputs(student.model, batches, student.data, ctx.runtime.device)
         if not len(out.labels):
             warn(f"every val image of {ctx.manifest.root} was skipped as bad (data.on_bad_image: skip): final.pt "
@@ -633,9 +653,11 @@ def final_summary(out_dir: Path) -> str:
     return f"  (val top-1 {val_top1:.3f} at alpha {alpha}, beta {beta})"
 
 
-def validate(model: torch.nn.Module, shards: list, data, device: torch.device, cfg: PipelineConfig) -> dict:
-    """Val top-1 of the CE head, the KD head and their combination at the default alpha/beta."""
-    batches = clean_batches(shards, data.image_size, cfg.eval.batch_size, skip_bad=cfg.data.on_bad_image == "skip")
+def validate(model: torch.nn.Module, shards: list, data, device: torch.device, cfg: PipelineConfig,
+             bad_rows: frozenset[int] = frozenset()) -> dict:
+    """Val top-1 of the CE head, the KD head and their combination at the default alpha/beta (`bad_rows` left out)."""
+    batches = clean_batches(shards, data.image_size, cfg.eval.batch_size, skip_bad=cfg.data.on_bad_image == "skip",
+                            bad_rows=bad_rows)
     out = head_outputs(model, batches, data, device)
     combined = combine(out.ce, out.kd, cfg.eval.default_alpha, cfg.eval.default_beta)
     return {"ce_head": accuracy(out.ce, out.labels), "kd_head": accuracy(out.kd, out.labels),

@@ -25,7 +25,7 @@ from click.testing import CliRunner, Result
 
 from dho_pipeline.cli import main
 from dho_pipeline.config import load_config
-from dho_pipeline.data.shards import load_manifest
+from dho_pipeline.data.shards import ShardDataError, load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream
 from dho_pipeline.errors import CheckpointError, DiskFull
 from dho_pipeline.metrics_log import MetricsLog
@@ -215,6 +215,28 @@ def test_a_diverging_run_stops_at_that_step_and_keeps_the_last_good_checkpoint(l
     assert f"(a batch from {', '.join(batch_shards(shards_dir, cached_store, step))})" in message
     assert not (tmp_path / "run" / "final.pt").exists()
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
+
+
+def test_data_that_cannot_be_read_mid_run_keeps_the_last_step_and_the_resumed_run_matches(
+        cached_store, shards_dir, teacher_file, uninterrupted, tmp_path, monkeypatch):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    calls, next_batch = [], train_student.StepFeed.next
+
+    def unreadable_at_step_6(feed):
+        calls.append(1)
+        if len(calls) == 6:  # as a shard damaged after the up-front checks, or an image that does not decode
+            raise ShardDataError("unlabelled-00002.tar: contents differ from the sha256 in manifest.json")
+        return next_batch(feed)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_student.StepFeed, "next", unreadable_at_step_6)
+        failed = train(config)
+    one_line_error(failed, "unlabelled-00002.tar: contents differ", "last.pt kept at step 5: once the data is "
+                   "fixed, continue with train-student --resume")
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 5  # not 4, the last checkpoint_every
+    assert train(config, "--resume").exit_code == 0
+    assert same_weights(tmp_path / "run" / "final.pt", uninterrupted / "final.pt")
+    assert metrics(tmp_path / "run") == metrics(uninterrupted)
 
 
 def test_resume_with_another_number_of_processes_is_refused(cached_store, shards_dir, teacher_file, tmp_path):

@@ -168,11 +168,15 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
-def clean_batches(shards: list[Shard], image_size: int, batch_size: int, skip_bad: bool = False) -> Iterator[dict]:
-    """Every sample of `shards` once, in order, at its clean view (centre square, as at evaluation)."""
+def clean_batches(shards: list[Shard], image_size: int, batch_size: int, skip_bad: bool = False,
+                  bad_rows: frozenset[int] = frozenset()) -> Iterator[dict]:
+    """Every sample of `shards` once, in order, at its clean view (centre square, as at evaluation); rows in
+    `bad_rows` (marked bad in the store) are left out undecoded."""
     pending = []
     for shard in shards:
         for position, raw in enumerate(iter_shard(shard)):
+            if shard.first_row + position in bad_rows:
+                continue
             sample = parse_sample(raw, shard, position, skip_bad)
             if sample.image is None:
                 continue
