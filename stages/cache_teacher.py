@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dho_pipeline.config import PipelineConfig
+from dho_pipeline.config import ConfigError, PipelineConfig
 from dho_pipeline.data.loader_workers import end_workers, start_loader
 from dho_pipeline.data.shards import SOURCES, Manifest, Shard, load_manifest
 from dho_pipeline.data.teacher_views import TeacherViewBatches, views_for_split
@@ -77,6 +77,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
     started = time.perf_counter()
     runtime = init_runtime(cfg.train.device)
     manifest = load_manifest(cfg.location(cfg.data.shards))
+    classes = len(manifest.class_names)
+    if cfg.cache.top_k is not None and cfg.cache.top_k > classes:
+        raise ConfigError(f"cache.top_k: {cfg.cache.top_k}, but the shards have {classes} classes: set it at most "
+                          f"{classes}, or null to keep every logit")
     recipe = view_recipe(cfg)
     request = fingerprint_hash(stage_one_request(cfg, manifest, runtime.device))
     if not overwrite:

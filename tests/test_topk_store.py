@@ -14,7 +14,7 @@ from dho_pipeline.config import load_config
 from dho_pipeline.store.zarr_store import TOPK_STORE_FORMAT, TeacherStore
 from dho_pipeline.student.losses import TopKLogits, kd_loss
 from stages import cache_teacher, train_student
-from tests.conftest import write_config
+from tests.conftest import one_line_error, write_config
 
 STUDENT = {"model": "resnet10t", "image_size": 32}
 
@@ -94,3 +94,10 @@ def test_student_trains_from_a_topk_store_and_evaluate_reads_it(topk_store, shar
     report = json.loads(result.output)
     assert report["dtype"].startswith("top-3") and report["bytes_per_view"] > 0
     assert report["teacher_accuracy"]["test"] is not None
+
+
+def test_a_top_k_above_the_number_of_classes_is_refused_before_any_store_is_made(shards_dir, teacher_file, tmp_path):
+    config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file, cache={"top_k": 11})
+    result = CliRunner().invoke(main, ["cache-teacher", "-c", str(config)])
+    one_line_error(result, "cache.top_k: 11, but the shards have 10 classes: set it at most 10, or null")
+    assert not (tmp_path / "cache").exists()
