@@ -32,7 +32,7 @@ from dho_pipeline.teacher.tip_adapter import (
     train_keys,
 )
 from stages import cache_teacher
-from tests.conftest import SHARD_SIZE, RunsCodeOnLoad, write_config
+from tests.conftest import SHARD_SIZE, RunsCodeOnLoad, one_line_error, write_config
 
 ADAPTER = {"augment_epochs": 3, "epochs": 10, "search_b_steps": 40, "search_a_steps": 10}
 
@@ -138,6 +138,15 @@ def test_fit_adapter_cli_writes_a_file_cache_teacher_takes(few_shot_shards, trai
     assert out.is_file() and '"kind": "tip-adapter-f"' in result.output
     path = cache_teacher.run(load_config(config, [f"teacher.adapter.file={out}"])).path
     assert load_config(config).teacher.kind == "tip-adapter-f" and (path / "zero_shot").is_dir()
+
+    def cache_with(*settings: str):
+        command = ["cache-teacher", "-c", str(config), "--set", f"teacher.adapter.file={out}"]
+        return CliRunner().invoke(main, [*command, *(arg for s in settings for arg in ("--set", s))])
+
+    one_line_error(cache_with("teacher.kind=tip-adapter"), f"teacher.kind is tip-adapter, but {out} "
+                   "(teacher.adapter.file) holds a tip-adapter-f adapter: set teacher.kind tip-adapter-f, or fit")
+    one_line_error(cache_with("teacher.templates=generic"), f"{out}: fitted for another teacher (teacher.templates: "
+                   "file ['a photo of a {}.', 'a black and white photo of a {}.'", "vs config ['a photo of a {}.']);")
 
 
 def test_fit_adapter_warns_when_a_or_b_ends_at_the_top_of_its_grid(few_shot_shards, trained_teacher_file, tmp_path):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dho_pipeline.atomic_write import write_whole
-from dho_pipeline.config import AdapterConfig, PipelineConfig
+from dho_pipeline.config import AdapterConfig, ConfigError, PipelineConfig
 from dho_pipeline.data.shards import Manifest, Shard
 from dho_pipeline.data.teacher_views import TeacherViewBatches
 from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, normalize
@@ -29,6 +29,7 @@ from dho_pipeline.locations import Location, location
 from dho_pipeline.runtime import Runtime
 from dho_pipeline.safe_load import safe_load
 from dho_pipeline.store.lookup import view_recipe
+from dho_pipeline.store.zarr_store import field_value, fingerprint_diff
 from dho_pipeline.teacher.open_clip_teacher import LOGIT_SCALE, Teacher
 
 ADAPTER_FORMAT = "dho-tip-adapter/1"
@@ -196,11 +197,12 @@ def load_adapter(path: Location, teacher_fingerprint: dict) -> tuple[TipAdapter,
         raise CheckpointError(f"{path}: not a dho adapter file ({type(e).__name__}: {one_line(e)})") from e
     if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path}: not a dho adapter file")
-    fields = sorted(k for k in set(state["teacher"]) | set(teacher_fingerprint)
-                    if state["teacher"].get(k) != teacher_fingerprint.get(k))
-    if fields:
-        raise ValueError(f"{path}: fitted for another teacher; fields that differ: "
-                         + ", ".join(f"teacher.{f}" for f in fields))
+    differ = fingerprint_diff({"teacher": state["teacher"]}, {"teacher": teacher_fingerprint})
+    if differ:
+        values = "; ".join(f"{name}: file {field_value({'teacher': state['teacher']}, name)} vs config "
+                           f"{field_value({'teacher': teacher_fingerprint}, name)}" for name in differ)
+        raise ConfigError(f"{path}: fitted for another teacher ({values}); fit one for this teacher with `dho "
+                          "fit-adapter`, or leave teacher.adapter.file unset to fit it under cache.root")
     adapter = TipAdapter(state["kind"], state["keys"], state["values"], state["a"], state["b"])
     return adapter, hashlib.sha256(data).hexdigest()
 
@@ -239,6 +241,8 @@ def attach_adapter(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, ru
     runtime.barrier()
     adapter, sha = load_adapter(path, teacher.fingerprint)
     if adapter.kind != cfg.teacher.kind:
-        raise ValueError(f"teacher.kind is {cfg.teacher.kind}, but {path} holds a {adapter.kind}")
+        raise ConfigError(f"teacher.kind is {cfg.teacher.kind}, but {path} (teacher.adapter.file) holds a "
+                          f"{adapter.kind} adapter: set teacher.kind {adapter.kind}, or fit a {cfg.teacher.kind} one "
+                          "with `dho fit-adapter`")
     teacher.adapter = adapter
     teacher.fingerprint = {**teacher.fingerprint, "head": adapter.kind, "adapter_sha256": sha}
