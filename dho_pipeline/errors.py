@@ -43,8 +43,10 @@ def one_line(error: BaseException) -> str:
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Errors the user can act on from one line: dho's own, a missing or existing file, no permission, a full disk."""
-    return isinstance(error, (DhoError, FileNotFoundError, FileExistsError, PermissionError)) or is_disk_full(error)
+    """Errors the user can act on from one line: dho's own, a missing or existing file, a file where a folder
+    should be (or the reverse), no permission, a full disk."""
+    return isinstance(error, (DhoError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                              PermissionError)) or is_disk_full(error)
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -87,6 +87,8 @@ def image_file(fmnist, tmp_path) -> Path:
     ("last.pt", "a training checkpoint, without the alpha and beta a finished run picks on val: use the "
                 "run's final.pt (/"),  # its path follows
     ("runs code", "refused: loading it would call posix.mkdir"),
+    ("other classes", "its weights do not fit the timm resnet10t student it names, with 5 classes (size mismatch for "
+                      "ce_head.weight"),
 ])
 def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(command, damage, says, uninterrupted, teacher_file,
                                                               image_file, tmp_path):
@@ -98,6 +100,9 @@ def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(command, damage, s
         bad.write_bytes(whole[: len(whole) // 2])
     elif damage == "state dict":
         shutil.copy(teacher_file, bad)  # a model's state dict, saved by torch, is not a run's checkpoint
+    elif damage == "other classes":  # as weights saved under a timm that named or shaped layers otherwise
+        state = load_checkpoint(uninterrupted / "final.pt")
+        torch.save({**state, "class_names": state["class_names"][:5]}, bad)
     elif damage == "runs code":
         torch.save({**load_checkpoint(uninterrupted / "final.pt"), "model": RunsCodeOnLoad(tmp_path / "ran")}, bad)
     else:
@@ -514,3 +519,9 @@ def test_a_run_stopped_while_it_sets_up_can_be_resumed(cached_store, shards_dir,
     assert resumed.exit_code == 0 and "starting at step 0" in resumed.stderr, resumed.output
     (tmp_path / "run" / "last.pt").unlink()
     one_line_error(train(config, "--resume"), "holds a finished run (final.pt) and no last.pt: nothing to resume")
+
+
+def test_an_out_dir_under_a_file_is_named_in_one_line(cached_store, shards_dir, teacher_file, tmp_path):
+    (tmp_path / "notes").write_text("a file, not a folder")
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store, out_dir=str(tmp_path / "notes" / "run"))
+    one_line_error(train(config), "Not a directory", str(tmp_path / "notes"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dho_pipeline.config import StudentConfig
-from dho_pipeline.errors import CheckpointError
+from dho_pipeline.errors import CheckpointError, one_line
 from dho_pipeline.student.checkpoint import load_checkpoint
 from dho_pipeline.student.model import DualHeadStudent, StudentData, build_student
 
@@ -39,7 +39,12 @@ def load_student(path: Path, device: torch.device) -> TrainedStudent:
     cfg = StudentConfig(**ckpt["config"]["student"])
     cfg = dataclasses.replace(cfg, pretrained_file=None)  # the state dict below holds every weight
     model, _ = build_student(cfg, ckpt["class_names"], ckpt["config"]["teacher"]["extra_templates"] or None)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # e.g. weights saved under another timm version that renamed layers
+        mismatch = next((line.strip() for line in str(e).splitlines() if line.startswith("\t")), one_line(e))
+        raise CheckpointError(f"{path}: its weights do not fit the {cfg.kind} {cfg.model} student it names, with "
+                              f"{len(ckpt['class_names'])} classes ({mismatch})") from e
     model.to(device).eval()
     data = StudentData(**ckpt["student_data"])
     return TrainedStudent(model, data, ckpt["class_names"], ckpt["alpha"], ckpt["beta"], ckpt)
