@@ -34,6 +34,7 @@ from dho_pipeline.errors import CheckpointError, DhoError, one_line, warn
 from dho_pipeline.metrics_log import MetricsLog
 from dho_pipeline.runtime import HostCopy, Runtime, autocast, init_runtime
 from dho_pipeline.stop_request import StopRequest
+from dho_pipeline.store.lock import rank_zero_lock
 from dho_pipeline.store.lookup import find_store, view_recipe
 from dho_pipeline.store.zarr_store import StoreError, field_value, fingerprint_diff
 from dho_pipeline.student.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -158,31 +159,34 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
     if cfg.train.tensorboard:
         require_tensorboard()  # before the run folder is made
     ctx = setup_data(cfg)
-    checkpoints = Checkpoints(ctx)
-    if resume:
-        checkpoints.check_resumable()
-    else:
-        checkpoints.claim_folder(overwrite)
-    teacher = setup_teacher(ctx)
-    checkpoints.online_teacher = teacher.fingerprint if teacher else None
-    student = setup_student(ctx)
-    start_step = checkpoints.restore(student) if resume else 0
-    if start_step == ctx.total_steps and (checkpoints.out_dir / "final.pt").exists():
-        return checkpoints.out_dir  # a finished run resumed: nothing left to train, and final.pt is its own
-    if start_step == 0:
-        warn_if_clip_student_starts_random(ctx)
-    metrics = MetricsLog(checkpoints.out_dir / "metrics.jsonl", start_step, ctx.runtime.is_main, cfg.train.tensorboard)
-    feed = setup_loaders(ctx, teacher, student.data, start_step)
-    stop = ctx.total_steps if max_steps is None else min(ctx.total_steps, start_step + max_steps)
-    try:
-        train(ctx, student, feed, checkpoints, metrics, range(start_step, stop))
-    finally:
+    # one run per folder: a second would interleave metrics.jsonl and overwrite the first one's checkpoints
+    with rank_zero_lock(cfg.path(cfg.train.out_dir), ctx.runtime):
+        checkpoints = Checkpoints(ctx)
+        if resume:
+            checkpoints.check_resumable()
+        else:
+            checkpoints.claim_folder(overwrite)
+        teacher = setup_teacher(ctx)
+        checkpoints.online_teacher = teacher.fingerprint if teacher else None
+        student = setup_student(ctx)
+        start_step = checkpoints.restore(student) if resume else 0
+        if start_step == ctx.total_steps and (checkpoints.out_dir / "final.pt").exists():
+            return checkpoints.out_dir  # a finished run resumed: nothing left to train, and final.pt is its own
+        if start_step == 0:
+            warn_if_clip_student_starts_random(ctx)
+        metrics = MetricsLog(checkpoints.out_dir / "metrics.jsonl", start_step, ctx.runtime.is_main,
+                             cfg.train.tensorboard)
+        feed = setup_loaders(ctx, teacher, student.data, start_step)
+        stop = ctx.total_steps if max_steps is None else min(ctx.total_steps, start_step + max_steps)
         try:
-            feed.close()
+            train(ctx, student, feed, checkpoints, metrics, range(start_step, stop))
         finally:
-            metrics.close()
-    if stop == ctx.total_steps:
-        save_final(ctx, student, checkpoints)
+            try:
+                feed.close()
+            finally:
+                metrics.close()
+        if stop == ctx.total_steps:
+            save_final(ctx, student, checkpoints)
     ctx.runtime.barrier()
     return checkpoints.out_dir
 

@@ -525,3 +525,15 @@ def test_an_out_dir_under_a_file_is_named_in_one_line(cached_store, shards_dir, 
     (tmp_path / "notes").write_text("a file, not a folder")
     config = train_config(tmp_path, shards_dir, teacher_file, cached_store, out_dir=str(tmp_path / "notes" / "run"))
     one_line_error(train(config), "Not a directory", str(tmp_path / "notes"))
+
+
+def test_a_second_run_into_a_folder_in_training_is_refused_naming_the_first(cached_store, shards_dir, teacher_file,
+                                                                            tmp_path):
+    from dho_pipeline.store.lock import store_write_lock
+
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    with store_write_lock(tmp_path / "run"):  # as a first train-student into run/ holds it
+        second = train(config)
+    one_line_error(second, f"{tmp_path / 'run'}: being written by pid {os.getpid()} on host",
+                   f"(lock file {tmp_path / 'run.lock'})")
+    assert not (tmp_path / "run").exists(), "the second run wrote nothing"

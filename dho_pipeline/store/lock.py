@@ -1,4 +1,5 @@
-"""One writer per teacher store: a lock beside the store naming its holder (host, pid, start time).
+"""One writer per teacher store (and per train-student run folder): a lock beside it naming its holder (host,
+pid, start time).
 
 A local store's lock is an flock on `<store>.lock`: the kernel releases it when the holder exits, however it
 exits (kill -9 included), so a lock file left behind by a dead writer is stale by construction and the next
@@ -38,7 +39,7 @@ HEARTBEAT_S = 30.0  # how often its holder says it is alive
 
 
 class StoreLocked(DhoError):
-    """Another process is writing the store; the message says who."""
+    """Another process is writing the store (or training into the run folder); the message says who."""
 
 
 class Lease:
