@@ -293,6 +293,8 @@ class Checkpoints:
             if overwrite:
                 for path in run_files(self.out_dir):
                     path.unlink()
+            elif self.out_dir.exists() and not self.out_dir.is_dir():
+                refusal = f"{self.out_dir} (train.out_dir) is a file, not a folder: choose another train.out_dir"
             elif self.last.exists() or (self.out_dir / "final.pt").exists():
                 refusal = (f"{self.out_dir} holds a run ({self.described_run()}): continue it with --resume, or start "
                            "over with --overwrite, or choose another train.out_dir")

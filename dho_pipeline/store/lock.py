@@ -73,7 +73,10 @@ def store_write_lock(store: Location | str) -> Iterator[Lease]:
             yield lease
         return
     path = lock_path(store)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"{path.parent}: a file, where the folder that holds {store} should be") from None
     fd = _acquire(path, store)
     left_behind = _holder(fd)
     if left_behind:
