@@ -19,6 +19,7 @@ from dho_pipeline.data.shards import iter_shard, load_manifest
 from dho_pipeline.data.student_stream import StreamSpec, StudentStream, cached_view
 from dho_pipeline.data.views import decode_image, normalize, render_view, view_params
 from dho_pipeline.store.lookup import find_store, view_recipe
+from dho_pipeline.store.zarr_store import StoreError, TeacherStore
 from dho_pipeline.student.checkpoint import load_checkpoint
 from dho_pipeline.student.evaluation import HeadOutputs, accuracy, combine, search_alpha_beta
 from dho_pipeline.student.losses import kd_loss, training_loss
@@ -201,6 +202,32 @@ def test_no_store_under_the_root_names_the_nearest_and_how_it_differs(cached_sto
                       ["cache.store=null", f"cache.root={cached_store.parent}", "views.ratio=[0.75, 1.3333333]"])
     with pytest.raises(FileNotFoundError, match=rf"the nearest, {cached_store.name}, differs in views\.ratio: store "
                                                 r"\[0\.75, 1\.3333333333333333\] vs config \[0\.75, 1\.3333333\]\)"):
+        find_store(cfg, load_manifest(shards_dir))
+
+
+def test_a_store_of_other_shards_is_refused_naming_the_first_shard_that_differs(cached_store, shards_dir,
+                                                                                 teacher_file, tmp_path):
+    other = Path(shutil.copytree(shards_dir, tmp_path / "shards"))
+    manifest = json.loads((other / "manifest.json").read_text())
+    changed = manifest["splits"]["unlabelled"]["shards"][1]
+    changed["sha256"] = "0" * 64  # as a shard made from other images
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(train_config(tmp_path, other, teacher_file, cached_store))
+    shards = TeacherStore.open(cached_store).fingerprint["shards"]
+    position = next(i for i, entry in enumerate(shards) if entry[0] == changed["file"])
+    with pytest.raises(ValueError, match=rf"shards\[{position}\]: store \['{changed['file']}', \d+, 32, "
+                                         r"'[0-9a-f]{40}[^ ]* vs config \['" + changed["file"]):
+        find_store(cfg, load_manifest(other))
+
+
+def test_copies_of_the_matching_store_under_the_root_are_named_as_copies(cached_store, shards_dir, teacher_file,
+                                                                         tmp_path):
+    for copy in ("a.zarr", "b.zarr"):
+        shutil.copytree(cached_store, tmp_path / "root" / copy)
+    cfg = load_config(train_config(tmp_path, shards_dir, teacher_file, cached_store),
+                      ["cache.store=null", f"cache.root={tmp_path / 'root'}"])
+    with pytest.raises(StoreError, match=r"several stores under .*root are copies of the one this config asks for "
+                                         r"\(a\.zarr, b\.zarr\): set cache\.store to the one to use, or remove"):
         find_store(cfg, load_manifest(shards_dir))
 
 

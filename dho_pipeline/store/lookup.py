@@ -151,6 +151,9 @@ def find_store(cfg: PipelineConfig, manifest: Manifest) -> TeacherStore:
         raise FileNotFoundError(f"no teacher store under {root} matches this config{near}: "
                                 "run `dho cache-teacher` with it first (or set cache.store)")
     differ = sorted({f for other in matching[1:] for f in fingerprint_diff(matching[0].fingerprint, other.fingerprint)})
-    raise StoreError(f"several stores under {root} match this config ({', '.join(s.path.name for s in matching)}; "
-                     f"they differ in {', '.join(differ)}): set cache.store to the one to use"
-                     + (" or teacher.dtype" if "teacher.dtype" in differ else ""))
+    names = ", ".join(s.path.name for s in matching)
+    if not differ:
+        raise StoreError(f"several stores under {root} are copies of the one this config asks for ({names}): set "
+                         "cache.store to the one to use, or remove the copies")
+    raise StoreError(f"several stores under {root} match this config ({names}; they differ in {', '.join(differ)}): "
+                     "set cache.store to the one to use" + (" or teacher.dtype" if "teacher.dtype" in differ else ""))

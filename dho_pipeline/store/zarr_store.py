@@ -47,6 +47,7 @@ STORE_FORMAT = "dho-teacher-store/2"  # dense logits
 TOPK_STORE_FORMAT = "dho-teacher-store/3"  # top-k logits (cache.top_k)
 DENSE_LOGITS = ("logits",)
 TOPK_LOGITS = ("top_values", "top_indices", "lse")
+FIELD_LIMIT = 80  # characters of a fingerprint value an error shows
 VERIFY_THREADS = 8  # reads and checksums overlap; zarr's codecs and zlib release the GIL
 VIEW_ARRAYS = ("boxes", "flips", "labels", "bad")  # checked after the logit arrays; + zero_shot when present
 
@@ -90,18 +91,36 @@ def fingerprint_diff(stored: dict, expected: dict, prefix: str = "") -> list[str
 
 
 def described_diff(stored: dict, expected: dict) -> list[str]:
-    """Each differing field (fingerprint_diff) with both values: 'views.ratio: store [...] vs config [...]'."""
-    return [f"{name}: store {field_value(stored, name)} vs config {field_value(expected, name)}"
-            for name in fingerprint_diff(stored, expected)]
+    """Each differing field (fingerprint_diff) with both values: 'views.ratio: store [...] vs config [...]'; of a
+    list too long to show whole (the shards), its first differing entry: 'shards[5]: store [...] vs config [...]'."""
+    described = []
+    for name in fingerprint_diff(stored, expected):
+        a, b = _field(stored, name), _field(expected, name)
+        if isinstance(a, list) and isinstance(b, list) and len(repr(a)) + len(repr(b)) > 2 * FIELD_LIMIT:
+            first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            counts = f" ({len(a)} entries vs {len(b)})" if len(a) != len(b) else ""
+            entry_a, entry_b = (_shortened(v[first]) if first < len(v) else "nothing" for v in (a, b))
+            described.append(f"{name}[{first}]: store {entry_a} vs config {entry_b}{counts}")
+        else:
+            described.append(f"{name}: store {field_value(stored, name)} vs config {field_value(expected, name)}")
+    return described
 
 
-def field_value(fingerprint: dict, name: str, limit: int = 80) -> str:
-    """The value of dotted field `name`, shortened to `limit` characters."""
+def field_value(fingerprint: dict, name: str) -> str:
+    """The value of dotted field `name`, shortened to FIELD_LIMIT characters."""
+    return _shortened(_field(fingerprint, name))
+
+
+def _field(fingerprint: dict, name: str) -> object:
     value: object = fingerprint
     for key in name.split("."):
         value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _shortened(value: object) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if len(text) <= FIELD_LIMIT else text[: FIELD_LIMIT - 1] + "…"
 
 
 def default_store_path(root: Location, fingerprint: dict) -> Location:
