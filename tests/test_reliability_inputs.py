@@ -235,3 +235,13 @@ def test_a_class_index_outside_the_manifests_classes_is_named(label, shards_dir)
     with pytest.raises(ShardDataError, match=rf"{shard.path}: sample '{raw['__key__']}': class index {label}, "
                                              r"outside the 10 classes \(0-9\)"):
         parse_sample({**raw, "cls": str(label).encode()}, shard, 0, skip_bad=False)
+
+
+def test_a_file_that_begins_as_a_jpeg_but_pil_cannot_identify_is_called_a_damaged_jpeg(fmnist, tmp_path):
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(fmnist.read(("test", 0))[0])).save(jpeg, format="JPEG")
+    damaged = jpeg.getvalue()[:4] + bytes(200)  # the signature, then zeros where the header was
+    with pytest.raises(BadImage, match=r"shoe\.jpg: a damaged JPEG \(it begins as one, but PIL cannot read its"):
+        check_image(damaged, tmp_path / "shoe.jpg")
+    with pytest.raises(BadImage, match=r"notes\.jpg: not an image in any format PIL reads \(it begins b'accuracy"):
+        check_image(b"accuracy 0.83\n", tmp_path / "notes.jpg")

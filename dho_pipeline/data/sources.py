@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dho_pipeline.data.views import unidentified
 from dho_pipeline.errors import DhoError
 
 FASHION_MNIST_CLASSES = [
@@ -39,7 +40,7 @@ def check_image(data: bytes, path: Path) -> None:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
     except UnidentifiedImageError:
-        raise BadImage(f"{path}: not an image in any format PIL reads (it begins {data[:16]!r})") from None
+        raise BadImage(f"{path}: {unidentified(data)}") from None
     except Image.DecompressionBombError as e:
         raise BadImage(f"{path}: {e} (PIL's limit is PIL.Image.MAX_IMAGE_PIXELS)") from None
     except Exception as e:

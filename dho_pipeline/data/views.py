@@ -31,12 +31,27 @@ class ViewRecipe:
     seed: int = 0
 
 
+# how each format's files begin: a file that begins so, yet PIL cannot identify, is a damaged one of them
+FORMAT_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"BM": "BMP",
+                     b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+def unidentified(data: bytes) -> str:
+    """Why PIL could not identify `data`, in words: a damaged JPEG (PNG, ...) by its signature, else no image."""
+    kind = next((name for magic, name in FORMAT_SIGNATURES.items() if data.startswith(magic)), None)
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind:
+        return f"a damaged {kind} (it begins as one, but PIL cannot read its header)"
+    return f"not an image in any format PIL reads (it begins {data[:16]!r})"
+
+
 def decode_image(data: bytes) -> torch.Tensor:
     """Decode image bytes to an RGB uint8 tensor (3, H, W); bytes of no image format raise ValueError."""
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ValueError(f"not an image in any format PIL reads (it begins {data[:16]!r})") from None
+        raise ValueError(unidentified(data)) from None
     with img:
         if img.mode.startswith("I"):  # 16-bit grey (I;16, or I from older PIL): convert("RGB") would clip it white
             grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
