@@ -326,8 +326,8 @@ def cache_inspect(store: Location, shards: Location | None, as_json: bool) -> No
     for name, problem in s["damaged_shards"].items():
         click.echo(f"DAMAGED      {name}: {problem}")
     if s["damaged_shards"]:
-        click.echo(f"             rerun `dho cache-teacher` with its config, or `dho cache verify {store} --repair "
-                   "-c CONFIG`, to recompute them")
+        click.echo(f"             rerun `dho cache-teacher` with its config, or `dho cache verify "
+                   f"{shlex.quote(str(store))} --repair -c CONFIG`, to recompute them")
     click.echo(f"fingerprint  {s['fingerprint']}")
     for split, acc in s["teacher_accuracy"].items():
         views = s["teacher_view_accuracy"][split]
@@ -375,7 +375,7 @@ def cache_verify(store: Location, repair: bool, config: Path | None, overrides: 
         for name, problem in report["damaged"].items():
             click.echo(f"  DAMAGED {name}: {problem}")
         if report["damaged"] or report["not_computed"]:
-            click.echo(f"  to recompute them: dho cache verify {store} --repair -c CONFIG")
+            click.echo(f"  to recompute them: dho cache verify {shlex.quote(str(store))} --repair -c CONFIG")
     if report["damaged"] or report["not_computed"]:
         raise SystemExit(1)
 
@@ -430,8 +430,8 @@ def cache_list(config: Path | None, root: Location | None) -> None:
             click.echo(f"{s['path']}  unreadable: {s['error']}")
             continue
         damaged = len(s["damaged_shards"])
-        flag = f"  DAMAGED: {damaged} shard{'s' if damaged > 1 else ''}, run `dho cache verify {s['path']}`" \
-            if damaged else ""
+        verify = shlex.join(["dho", "cache", "verify", s["path"]])
+        flag = f"  DAMAGED: {damaged} shard{'s' if damaged > 1 else ''}, run `{verify}`" if damaged else ""
         click.echo(f"{s['path']}  {s['teacher']}  classes={s['classes']} views={s['views']} rows={s['rows']} "
                    f"done={s['done_fraction']:.0%} size={human_bytes(s['bytes_on_disk'])}{flag}")
 

@@ -14,6 +14,7 @@ and a finished shard is written by a background thread while the teacher goes on
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,8 +67,9 @@ class StageOneReport:
             done = (f"{self.path}: {self.views:,} views in {self.seconds:.1f} s (start-up {self.startup_s:.1f} s, "
                     f"then {self.steady_views_per_s:,.0f} views/s)")
         if self.bad_images:
-            listed = (f"with their source files by `dho cache inspect {self.path} --shards {self.sources}`"
-                      if self.sources else f"by `dho cache inspect {self.path}`")
+            inspect = ["dho", "cache", "inspect", str(self.path)]
+            listed = (f"with their source files by `{shlex.join([*inspect, '--shards', str(self.sources)])}`"
+                      if self.sources else f"by `{shlex.join(inspect)}`")
             done += f"\n{self.bad_images} bad image{'s' if self.bad_images > 1 else ''} skipped (listed {listed})"
         return done
 

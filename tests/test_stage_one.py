@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +263,9 @@ def test_a_val_split_of_bad_images_alone_keeps_the_default_alpha_and_beta(fmnist
     final = load_checkpoint(train_student.run(load_config(config)) / "final.pt")
     assert (final["alpha"], final["beta"], final["val_top1"]) == (0.4, 0.5, None)
     assert "every val image of" in capsys.readouterr().err
+
+
+def test_a_command_a_message_suggests_can_be_pasted_whatever_spaces_its_paths_hold():
+    report = cache_teacher.StageOneReport(Path("/data/my cache/t.zarr"), sources=Path("/data/my shards"), bad_images=2)
+    command = re.search(r"`([^`]*)`", report.summary()).group(1)
+    assert shlex.split(command) == ["dho", "cache", "inspect", "/data/my cache/t.zarr", "--shards", "/data/my shards"]

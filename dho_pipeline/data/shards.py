@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import math
+import shlex
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -329,7 +330,8 @@ def load_manifest(root: Location | str) -> Manifest:
     root = location(root)
     path = root / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: make shards first with `dho make-shards SOURCE {root}`")
+        raise FileNotFoundError(f"{path} not found: make shards first with `dho make-shards SOURCE "
+                                f"{shlex.quote(str(root))}`")
     try:
         doc = json.loads(path.read_text())
     except ValueError as e:  # cut off or edited by hand: JSONDecodeError, or bytes that are no UTF-8

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shlex
 import shutil
 import uuid
 import zlib
@@ -313,7 +314,8 @@ class TeacherStore:
                 inside = []
             if inside:  # a cache root given where a store was meant
                 raise FolderOfStores(f"{path}: a folder of stores ({len(inside)} *.zarr), not a store: name one (e.g. "
-                                     f"{path / inside[0]}), or list them with `dho cache list --root {path}`")
+                                     f"{path / inside[0]}), or list them with `dho cache list --root "
+                                     f"{shlex.quote(str(path))}`")
             raise FileNotFoundError(f"{path}: no teacher store here (run `dho cache-teacher` first)")
         try:
             group = _zarr_group(path, mode=mode)
