@@ -52,6 +52,7 @@ class StageOneReport:
     startup_views: int = 0  # the views of that first batch
     already_complete: bool = False
     bad_images: int = 0  # images the store marks undecodable and skipped (data.on_bad_image: skip)
+    shards_left: int = 0  # shards still to compute after a run cut short by max_shards
 
     @property
     def steady_views_per_s(self) -> float:
@@ -63,9 +64,14 @@ class StageOneReport:
             done = f"{self.path}: already complete and verified; nothing to compute"
         elif not self.views:
             done = f"{self.path}: no shards left to compute"
+        elif self.views == self.startup_views:  # one batch: no steady state to tell
+            done = f"{self.path}: {self.views:,} views in {self.seconds:.1f} s"
         else:
             done = (f"{self.path}: {self.views:,} views in {self.seconds:.1f} s (start-up {self.startup_s:.1f} s, "
                     f"then {self.steady_views_per_s:,.0f} views/s)")
+        if self.shards_left:
+            done += (f"\nunfinished: {self.shards_left} shard{'s' * (self.shards_left > 1)} left; the same command "
+                     "without --max-shards computes them")
         if self.bad_images:
             inspect = ["dho", "cache", "inspect", str(self.path)]
             listed = (f"with their source files by `{shlex.join([*inspect, '--shards', str(self.sources)])}`"
@@ -118,6 +124,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         runtime.barrier()
     report.seconds = time.perf_counter() - started
     report.bad_images = store.bad_images() if runtime.is_main else 0  # every rank's shards, and earlier runs
+    report.shards_left = len(pending_rows(store, manifest)) if runtime.is_main and max_shards is not None else 0
     report.sources = sources_folder(manifest) if report.bad_images else None
     return report
 

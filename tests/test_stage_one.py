@@ -151,10 +151,13 @@ def test_interrupted_run_resumes_to_the_identical_store(cached_store, shards_dir
     config = write_config(tmp_path / "p.yaml", shards_dir, teacher_file,
                           cache={"store": str(tmp_path / "resumed.zarr")})
     cfg = load_config(config)
-    cache_teacher.run(cfg, max_shards=3)  # stands for a job killed after three shards
+    stopped = cache_teacher.run(cfg, max_shards=3)  # stands for a job killed after three shards
     partial = TeacherStore.open(tmp_path / "resumed.zarr")
     assert 0 < partial.group["done"][:].sum() < len(np.concatenate(list(partial.split_rows().values())))
-    cache_teacher.run(cfg)
+    left = len(partial.shards()) - 3
+    assert stopped.summary().endswith(f"\nunfinished: {left} shards left; the same command without --max-shards "
+                                      "computes them")
+    assert "unfinished" not in cache_teacher.run(cfg).summary()
     resumed, whole = TeacherStore.open(tmp_path / "resumed.zarr"), TeacherStore.open(cached_store)
     assert resumed.fingerprint == whole.fingerprint
     for name in ("logits", "boxes", "flips", "labels", "bad", "done"):
