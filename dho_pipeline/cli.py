@@ -432,7 +432,8 @@ def cache_list(config: Path | None, root: Location | None) -> None:
         damaged = len(s["damaged_shards"])
         verify = shlex.join(["dho", "cache", "verify", s["path"]])
         flag = f"  DAMAGED: {damaged} shard{'s' if damaged > 1 else ''}, run `{verify}`" if damaged else ""
-        click.echo(f"{s['path']}  {s['teacher']}  classes={s['classes']} views={s['views']} rows={s['rows']} "
+        logits = f"top-k={s['top_k']}" if s["top_k"] else "logits=all"
+        click.echo(f"{s['path']}  {s['teacher']}  classes={s['classes']} {logits} views={s['views']} rows={s['rows']} "
                    f"done={s['done_fraction']:.0%} size={human_bytes(s['bytes_on_disk'])}{flag}")
 
 

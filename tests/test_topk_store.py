@@ -66,6 +66,9 @@ def test_topk_store_holds_the_dense_stores_top_k(topk_store, cached_store):
     assert top.attrs["format"] == TOPK_STORE_FORMAT and top.fingerprint["top_k"] == 3 and top.top_k == 3
     assert "logits" not in top.group and "top_k" not in dense.fingerprint
     assert top.missing_chunk_files() == {} == dense.missing_chunk_files(), "cache list: no shard flagged damaged"
+    for store, says in ((path, "classes=10 top-k=3 views=4"), (cached_store, "classes=10 logits=all views=4")):
+        listed = CliRunner().invoke(main, ["cache", "list", "--root", str(store.parent)]).output
+        assert says in next(line for line in listed.splitlines() if line.startswith(str(store))), listed
     for shard in top.shards():
         rows, reference = top.read_shard(shard), dense.read_shard(shard)
         computed = ~np.isnan(reference.logits).any(-1)

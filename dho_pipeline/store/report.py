@@ -136,7 +136,7 @@ def list_stores(root: Location) -> list[dict]:
             damaged = store.missing_chunk_files(marked)
             done = sum(s.count for s in marked if s not in damaged)
             found.append({"path": str(path), "teacher": teacher_name(store), "classes": store.num_classes,
-                          "views": store.num_views,
+                          "views": store.num_views, "top_k": store.top_k,  # None: every logit
                           "rows": rows, "done_fraction": done / rows if rows else 0.0,
                           "damaged_shards": {s.name: problem for s, problem in damaged.items()},
                           "bytes_on_disk": store.bytes_on_disk()})
