@@ -509,9 +509,13 @@ def _command_line(command: str, config: Path | None, overrides: tuple[str, ...],
               help="An extra test set (repeatable): a folder of make-shards, e.g. --shards sketch=shards/sketch "
                    "(its test split; a --test-only set is scored over its classes only), or tar files, e.g. "
                    "--shards sketch='ood/sketch-*.tar' (every class).")
+@click.option("--run-shards", type=PathOrUrl(file_okay=False), default=None, metavar="DIR",
+              help="The run's own shards, where they are now if they moved since training (final.pt records where "
+                   "they were); they must hold the same images.")
 @click.option("--device", default="auto", show_default=True, help=f"Where the student runs: {DEVICE_CHOICES}.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: bool) -> None:
+def evaluate(checkpoint: Path, extra: tuple[str, ...], run_shards: Location | None, device: str,
+             as_json: bool) -> None:
     """Search alpha/beta on val and report test top-1 of each head, both combinations and the teacher.
 
     The combination is p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta); alpha in 0..1 by 0.05
@@ -532,7 +536,7 @@ def evaluate(checkpoint: Path, extra: tuple[str, ...], device: str, as_json: boo
         if not sep or not name or not pattern:
             raise click.UsageError(f"--shards {item!r}: expected NAME=DIR or NAME=PATTERN")
         sets[name] = pattern
-    result = stage.run(checkpoint, sets, device)
+    result = stage.run(checkpoint, sets, device, run_shards)
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from dho_pipeline.config import EvalConfig
-from dho_pipeline.data.shards import MANIFEST, Shard, ShardDataError, load_manifest
+from dho_pipeline.data.shards import MANIFEST, Manifest, Shard, ShardDataError, load_manifest
 from dho_pipeline.data.student_stream import clean_batches
 from dho_pipeline.data.views import CLEAN_VIEW
 from dho_pipeline.errors import warn
-from dho_pipeline.locations import UrlPath, location
+from dho_pipeline.locations import Location, UrlPath, location
 from dho_pipeline.runtime import pick_device
 from dho_pipeline.store.zarr_store import TeacherStore
 from dho_pipeline.student.evaluation import HeadOutputs, accuracy, combine, head_outputs, restrict, search_alpha_beta
@@ -72,6 +72,23 @@ def teacher_accuracy(store_path: str | None, fingerprint: str | None, shards: li
     return float((torch.from_numpy(predictions[np.searchsorted(rows, out.rows.numpy())]) == out.labels).float().mean())
 
 
+def run_manifest(checkpoint: Path, state: dict, moved_to: Location | str | None) -> Manifest:
+    """The manifest of the shards the run trained on: where final.pt says, or at `moved_to`, which must hold the
+    same data (the shards' fingerprint the checkpoint keeps)."""
+    if moved_to is None:
+        if not (location(state["shards"]) / MANIFEST).exists():
+            raise FileNotFoundError(f"{state['shards']}: the shards {checkpoint} was trained on are not there (moved "
+                                    "or on another machine?): give their folder with --run-shards DIR")
+        return load_manifest(state["shards"])
+    manifest = load_manifest(moved_to)
+    trained_on = state.get("shards_fingerprint")
+    if trained_on and manifest.fingerprint_hash() != trained_on:
+        raise ShardDataError(f"--run-shards {moved_to}: not the shards {checkpoint} was trained on (shard fingerprint "
+                             f"{manifest.fingerprint_hash()}, trained on {trained_on}); to score other images, give "
+                             "them as an extra set: --shards NAME=DIR")
+    return manifest
+
+
 def report(out: HeadOutputs, alpha: float, beta: float, default_alpha: float, default_beta: float) -> dict:
     return {
         "ce_head": accuracy(out.ce, out.labels),
@@ -82,13 +99,14 @@ def report(out: HeadOutputs, alpha: float, beta: float, default_alpha: float, de
     }
 
 
-def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "auto") -> dict:
+def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "auto",
+        run_shards: Location | str | None = None) -> dict:
     """Search alpha/beta on val, then report every head and combination on test and the extra sets (a test-only set
-    over the classes it covers)."""
+    over the classes it covers). `run_shards`: where the run's own shards are now, if they moved."""
     dev = pick_device(device, "--device")
     student = load_student(checkpoint, dev)
     cfg = EvalConfig(**student.checkpoint["config"]["eval"])
-    manifest = load_manifest(student.checkpoint["shards"])
+    manifest = run_manifest(checkpoint, student.checkpoint, run_shards)
     if not manifest.splits.get("test"):
         raise ShardDataError(f"{manifest.root}: no test split to evaluate on (make-shards --test-per-class N, or a "
                              "test/ folder in the source)")

@@ -539,3 +539,24 @@ def test_a_second_run_into_a_folder_in_training_is_refused_naming_the_first(cach
     one_line_error(second, f"{tmp_path / 'run'}: being written by pid {os.getpid()} on host",
                    f"(lock file {tmp_path / 'run.lock'})")
     assert not (tmp_path / "run").exists(), "the second run wrote nothing"
+
+
+def test_evaluate_finds_a_runs_moved_shards_by_run_shards_and_refuses_other_ones(uninterrupted, shards_dir,
+                                                                                  tmp_path):
+    moved = tmp_path / "final.pt"
+    torch.save({**load_checkpoint(uninterrupted / "final.pt"), "shards": str(tmp_path / "gone")}, moved)
+    one_line_error(CliRunner().invoke(main, ["evaluate", str(moved)]), f"{tmp_path / 'gone'}: the shards {moved} was "
+                   "trained on are not there (moved or on another machine?): give their folder with --run-shards DIR")
+
+    def scores(*args: str) -> dict:
+        result = CliRunner().invoke(main, ["evaluate", *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    assert scores(str(moved), "--run-shards", str(shards_dir)) == scores(str(uninterrupted / "final.pt"))
+    other = Path(shutil.copytree(shards_dir, tmp_path / "other"))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["splits"]["test"]["shards"][0]["sha256"] = "0" * 64  # as a test shard of other images
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(CliRunner().invoke(main, ["evaluate", str(moved), "--run-shards", str(other)]),
+                   f"--run-shards {other}: not the shards {moved} was trained on", "--shards NAME=DIR")
