@@ -170,3 +170,14 @@ def test_options_that_do_not_go_together_are_refused(tmp_path, args, message):
     args = [a.replace("split.json", str(tmp_path / "split.json")) for a in args]
     result = CliRunner().invoke(main, ["make-shards", str(tmp_path), str(tmp_path / "out"), *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_label_past_the_others_is_named_by_its_entry(fmnist, tmp_path):
+    split = split_tree(fmnist, tmp_path / "src")
+    split["train"][5] = [split["train"][5][0], 7, "hat"]  # 3 classes, 0-2: labels 3-6 have no entry
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(split))
+    result = CliRunner().invoke(main, ["make-shards", str(tmp_path / "src"), str(tmp_path / "shards"),
+                                       "--split-file", str(path), "--shots", "1"])
+    one_line_error(result, f"{path}: train must hold labels 0..C-1; labels [3, 4, 5, 6] have no entry, while ",
+                   "train[5] has label 7")

@@ -88,8 +88,10 @@ def read_split_file(path: Path, root: Path) -> tuple[list[str], dict[str, list[I
     refuse(problems, str(path))
     missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
     if not names or missing:
+        top = max(names, default=None)
         raise SourceError(f"{path}: train must hold labels 0..C-1; " +
-                          (f"labels {missing} have no entry" if missing else "it has no entries"))
+                          (f"labels {missing} have no entry, while {names[top][1]} has label {top}" if missing
+                           else "it has no entries"))
     return [names[label][0] for label in range(len(names))], parts
 
 
