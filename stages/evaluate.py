@@ -51,11 +51,10 @@ def extra_set(name: str, pattern: str, class_names: list[str]) -> tuple[list[Sha
     return [Shard(name, p, -1, 0, "", num_classes=len(class_names)) for p in paths], None
 
 
-def teacher_accuracy(store_path: str | None, fingerprint: str | None, shards: list[Shard],
-                     out: HeadOutputs) -> float | None:
-    """The cached teacher's top-1 on the same rows (clean view, checked reads), when the store the student was
-    trained from is at hand: a store missing from its path, or found there with another fingerprint, is named
-    and left out."""
+def trained_store(state: dict) -> TeacherStore | None:
+    """The store the student was trained from, when it is at hand: one missing from its path, or found there with
+    another fingerprint, is named and left out (None)."""
+    store_path, fingerprint = state.get("store"), state.get("store_fingerprint")
     if not store_path:
         return None
     if not location(store_path).exists():
@@ -67,6 +66,11 @@ def teacher_accuracy(store_path: str | None, fingerprint: str | None, shards: li
         warn(f"{store_path}: not the store this student was trained from (fingerprint {found[:12]}, trained from "
              f"{fingerprint[:12]}): its teacher accuracy is left out")
         return None
+    return store
+
+
+def teacher_accuracy(store: TeacherStore, shards: list[Shard], out: HeadOutputs) -> float:
+    """The cached teacher's top-1 on the same rows as `out` (clean view, checked reads)."""
     rows = np.concatenate([np.asarray(s.rows) for s in shards])
     predictions = np.concatenate([store.read_shard(s).predictions()[:, CLEAN_VIEW] for s in shards])
     return float((torch.from_numpy(predictions[np.searchsorted(rows, out.rows.numpy())]) == out.labels).float().mean())
@@ -113,9 +117,11 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
     manifest.check_files(manifest.shards(("val", "test")))
 
     skip_bad = student.checkpoint["config"]["data"].get("on_bad_image") == "skip"  # as the run was trained
+    store = trained_store(student.checkpoint)
+    bad_rows = store.bad_rows(manifest.shards(("val", "test"))) if store else frozenset()  # left out, as in training
 
-    def outputs(shards: list[Shard]) -> HeadOutputs:
-        batches = clean_batches(shards, student.data.image_size, cfg.batch_size, skip_bad=skip_bad)
+    def outputs(shards: list[Shard], bad: frozenset[int] = frozenset()) -> HeadOutputs:
+        batches = clean_batches(shards, student.data.image_size, cfg.batch_size, skip_bad=skip_bad, bad_rows=bad)
         return head_outputs(student.model, batches, student.data, dev)
 
     method = student.checkpoint.get("method", "dho")
@@ -124,16 +130,15 @@ def run(checkpoint: Path, extra: dict[str, str] | None = None, device: str = "au
     alpha, beta = default_alpha, cfg.default_beta
     result: dict = {"method": method}
     if manifest.splits.get("val"):
-        val = outputs(manifest.splits["val"])
+        val = outputs(manifest.splits["val"], bad_rows)
         if single_head:
             result["val_combined_searched"] = accuracy(val.ce, val.labels)
         else:
             alpha, beta, result["val_combined_searched"] = search_alpha_beta(val, cfg.alpha_grid, cfg.beta_grid)
-    test = outputs(manifest.splits["test"])
+    test = outputs(manifest.splits["test"], bad_rows)
     result.update(report(test, alpha, beta, default_alpha, cfg.default_beta))
     result.update(alpha=alpha, beta=beta,
-                  teacher=teacher_accuracy(student.checkpoint.get("store"), student.checkpoint.get("store_fingerprint"),
-                                           manifest.splits["test"], test))
+                  teacher=None if store is None else teacher_accuracy(store, manifest.splits["test"], test))
     result["extra"] = {}
     for name, pattern in (extra or {}).items():
         shards, classes = extra_set(name, pattern, student.class_names)

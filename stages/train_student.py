@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -209,11 +208,9 @@ def setup_data(cfg: PipelineConfig) -> RunContext:
         warn(f"{manifest.root} has no val split, so final.pt keeps the default alpha {cfg.eval.default_alpha} and "
              f"beta {cfg.eval.default_beta} (eval.default_alpha/beta) instead of searching them: make shards with "
              "a val split (dho make-shards ... --val-per-class N) to search them")
-    val_bad = [] if store is None else [np.flatnonzero(store.shard_flags(s)[1]) + s.first_row
-                                        for s in manifest.splits.get("val", [])]
     return RunContext(cfg, runtime, manifest, str(store.path) if store else None, steps_per_epoch, total_steps,
                       store.attrs["fingerprint_hash"] if store else None,
-                      frozenset(int(row) for rows in val_bad for row in rows))
+                      store.bad_rows(manifest.splits.get("val", [])) if store else frozenset())
 
 
 def warn_if_views_run_out(random_views: int, passes: float) -> None:

@@ -250,9 +250,10 @@ def test_skip_reaches_validation_the_final_search_and_evaluate(fmnist, teacher_f
     assert sum("val" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) == 1
     result = evaluate.run(run / "final.pt")
     assert result["images"] == len(splits["test"]) - 1
-    # the store's marks alone leave the bad val image out, as they do in training, whatever stage two's setting
+    # the store's marks alone leave the bad val and test images out, as in training, whatever stage two's setting
     strict = train_student.run(load_config(config, ["data.on_bad_image=error", f"train.out_dir={tmp_path / 'strict'}"]))
     assert load_checkpoint(strict / "final.pt")["val_top1"] is not None
+    assert evaluate.run(strict / "final.pt")["images"] == len(splits["test"]) - 1
 
 
 def test_a_val_split_of_bad_images_alone_keeps_the_default_alpha_and_beta(fmnist, teacher_file, tmp_path, capsys):

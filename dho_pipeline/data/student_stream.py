@@ -67,8 +67,7 @@ class StudentStream(IterableDataset):
             store = TeacherStore.open(store_path)
             if rank == 0:  # one full check before training; every later read is checked again
                 store.require_intact(shards)
-            for shard in shards:
-                self.bad_rows.update(int(r) for r in np.flatnonzero(store.shard_flags(shard)[1]) + shard.first_row)
+            self.bad_rows = set(store.bad_rows(shards))
 
     def _consumer(self) -> tuple[int, int, int, int]:
         """(consumer id, consumer count, logical worker id, worker count).

@@ -487,6 +487,10 @@ class TeacherStore:
                           unit="shard", disable=not progress, leave=False)
             return dict(zip(shards, checks, strict=True))
 
+    def bad_rows(self, shards: list[Shard] | list[StoreShard]) -> frozenset[int]:
+        """The rows of `shards` marked bad (undecodable when the store was made): readers leave them out."""
+        return frozenset(int(row) for s in shards for row in np.flatnonzero(self.shard_flags(s)[1]) + s.first_row)
+
     def bad_images(self) -> int:
         """Images the store marks bad (undecodable, skipped): one read of its `bad` array."""
         return int(self.array("bad")[:].sum())
