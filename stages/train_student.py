@@ -39,7 +39,7 @@ from dho_pipeline.store.zarr_store import StoreError, field_value, fingerprint_d
 from dho_pipeline.student.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dho_pipeline.student.evaluation import accuracy, combine, head_outputs, search_alpha_beta
 from dho_pipeline.student.losses import TopKLogits, training_loss
-from dho_pipeline.student.model import DualHeadStudent, StudentData, build_student
+from dho_pipeline.student.model import DualHeadStudent, StudentData, build_student, check_student_config
 from dho_pipeline.student.schedule import make_scheduler
 from dho_pipeline.teacher.open_clip_teacher import Teacher, load_teacher
 from dho_pipeline.teacher.templates import resolve_templates
@@ -158,6 +158,7 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
     if cfg.train.tensorboard:
         require_tensorboard()  # before the run folder is made
     ctx = setup_data(cfg)
+    check_student_config(cfg.student, cfg.base_dir)  # before the run folder is made
     # one run per folder: a second would interleave metrics.jsonl and overwrite the first one's checkpoints
     with rank_zero_lock(cfg.path(cfg.train.out_dir), ctx.runtime):
         checkpoints = Checkpoints(ctx)

@@ -560,3 +560,15 @@ def test_evaluate_finds_a_runs_moved_shards_by_run_shards_and_refuses_other_ones
     (other / "manifest.json").write_text(json.dumps(manifest))
     one_line_error(CliRunner().invoke(main, ["evaluate", str(moved), "--run-shards", str(other)]),
                    f"--run-shards {other}: not the shards {moved} was trained on", "--shards NAME=DIR")
+
+
+@pytest.mark.parametrize(("student", "says"), [
+    ({"model": "resnet99"}, "student.model: unknown timm model 'resnet99'"),
+    ({"pretrained_file": "missing.safetensors"}, "student.pretrained_file: "),
+], ids=["unknown-model", "missing-weights"])
+def test_a_student_that_cannot_be_built_leaves_no_run_folder(student, says, cached_store, shards_dir, teacher_file,
+                                                             tmp_path):
+    config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
+    settings = [arg for key, value in student.items() for arg in ("--set", f"student.{key}={value}")]
+    one_line_error(train(config, *settings), says)
+    assert not (tmp_path / "run").exists()

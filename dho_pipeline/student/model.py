@@ -51,9 +51,19 @@ def _unknown_model(name: str, known: list[str], library: str) -> ConfigError:
     return ConfigError(f"student.model: unknown {library} model {name!r}{hint}")
 
 
-def _timm_student(cfg: StudentConfig, num_classes: int, base: Path) -> tuple[DualHeadStudent, StudentData]:
-    if timm.models.parse_model_name(cfg.model)[0] is None and not timm.is_model(cfg.model):
+def check_student_config(cfg: StudentConfig, base: Path = Path(".")) -> None:
+    """Refuse an unknown model or a missing weights file: cheap, before anything is built or written."""
+    if cfg.kind == "open_clip":
+        register_model_configs()
+        if open_clip.get_model_config(cfg.model) is None and not cfg.model.startswith(("hf-hub:", "local-dir:")):
+            raise _unknown_model(cfg.model, open_clip.list_models(), "open_clip")
+    elif timm.models.parse_model_name(cfg.model)[0] is None and not timm.is_model(cfg.model):
         raise _unknown_model(cfg.model, timm.list_models(), "timm")
+    if cfg.pretrained_file and not (base / cfg.pretrained_file).is_file():
+        raise FileNotFoundError(f"student.pretrained_file: {base / cfg.pretrained_file} not found")
+
+
+def _timm_student(cfg: StudentConfig, num_classes: int, base: Path) -> tuple[DualHeadStudent, StudentData]:
     backbone = timm.create_model(cfg.model, pretrained=False, num_classes=0)
     if cfg.pretrained_file:
         load_backbone_weights(backbone, base / cfg.pretrained_file, cfg.model)
@@ -70,8 +80,6 @@ def load_backbone_weights(backbone: nn.Module, weights: Path, model: str) -> Non
     timm's own pretrained loading is lenient once the classifier is dropped, and would train a file of another
     model from random init with no more than a logged warning.
     """
-    if not weights.is_file():
-        raise FileNotFoundError(f"student.pretrained_file: {weights} not found")
     try:
         state = timm.models.load_state_dict(str(weights))  # weights only: loading runs no code
     except Exception as e:
@@ -95,12 +103,7 @@ def load_backbone_weights(backbone: nn.Module, weights: Path, model: str) -> Non
 def _open_clip_student(cfg: StudentConfig, class_names: list[str], templates: list[str],
                        base: Path) -> tuple[DualHeadStudent, StudentData]:
     """The ImageNet recipe: CLIP image tower, both heads initialised from the class text embeddings."""
-    register_model_configs()
-    if open_clip.get_model_config(cfg.model) is None and not cfg.model.startswith(("hf-hub:", "local-dir:")):
-        raise _unknown_model(cfg.model, open_clip.list_models(), "open_clip")
     pretrained = base / cfg.pretrained_file if cfg.pretrained_file else None
-    if pretrained is not None and not pretrained.is_file():
-        raise FileNotFoundError(f"student.pretrained_file: {pretrained} not found")
     try:
         clip = open_clip.create_model(cfg.model, pretrained=str(pretrained) if pretrained else None)
     except Exception as e:  # open_clip loads strictly: a missing, extra or misshapen weight, or no checkpoint
@@ -125,6 +128,7 @@ def _open_clip_student(cfg: StudentConfig, class_names: list[str], templates: li
 def build_student(cfg: StudentConfig, class_names: list[str], templates: list[str] | None = None,
                   base: Path = Path(".")) -> tuple[DualHeadStudent, StudentData]:
     """The student named by the config and the input it expects."""
+    check_student_config(cfg, base)
     if cfg.kind == "open_clip":
         return _open_clip_student(cfg, class_names, templates or resolve_templates("generic"), base)
     return _timm_student(cfg, len(class_names), base)
