@@ -288,11 +288,11 @@ class Checkpoints:
         up can be resumed (at step 0). Rank 0 decides; every rank raises the same error."""
         refusal = None
         if self.ctx.runtime.is_main:
-            if overwrite:
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                refusal = f"{self.out_dir} (train.out_dir) is a file, not a folder: choose another train.out_dir"
+            elif overwrite:
                 for path in run_files(self.out_dir):
                     path.unlink()
-            elif self.out_dir.exists() and not self.out_dir.is_dir():
-                refusal = f"{self.out_dir} (train.out_dir) is a file, not a folder: choose another train.out_dir"
             elif self.last.exists() or (self.out_dir / "final.pt").exists():
                 refusal = (f"{self.out_dir} holds a run ({self.described_run()}): continue it with --resume, or start "
                            "over with --overwrite, or choose another train.out_dir")
@@ -494,9 +494,9 @@ def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkp
     """Run `steps`: log every train.log_every, validate every epoch, write last.pt every train.checkpoint_every.
 
     A step whose loss, or whose weights at a checkpoint, are not finite stops the run with TrainingDiverged.
-    SIGINT or SIGTERM ends the step under way, writes last.pt at it and raises TrainingStopped. Data that cannot
+    SIGINT or SIGTERM ends the step under way, writes last.pt at it and raises TrainingStopped. A batch that cannot
     be read (a shard damaged since the start, an image that does not decode) stops the run with last.pt written
-    at the last step done (one process; under torchrun at the last checkpoint_every).
+    at the last step done (keep_steps_done).
     """
     tc, runtime = ctx.cfg.train, ctx.runtime
     net = DistributedDataParallel(student.model) if runtime.world_size > 1 else student.model
@@ -506,40 +506,48 @@ def train(ctx: RunContext, student: Student, feed: StepFeed, checkpoints: Checkp
     tick, seen = time.perf_counter(), 0
     previous: StepResult | None = None
     with StopRequest(runtime) as stop:
-        try:
-            for step in tqdm(steps, desc="train-student", initial=steps.start, total=ctx.total_steps,
-                             disable=not runtime.is_main):
-                done = step + 1
+        for step in tqdm(steps, desc="train-student", initial=steps.start, total=ctx.total_steps,
+                         disable=not runtime.is_main):
+            done = step + 1
+            try:
                 inputs = feed.next()
-                loss, parts = step_loss(net, inputs, tc)
-                result = StepResult(done, inputs.rows, HostCopy({"loss": loss.detach(),
-                                                                 "finite": finite_flag([loss], runtime), **parts}))
-                lr = optimizer_step(student, loss, tc)
-                if previous is not None:  # read one step late, so the device never waits for the host
-                    previous.values_or_raise(ctx, checkpoints)
-                previous = result
-                seen += len(inputs.images)
-                if done % tc.log_every == 0 or done == ctx.total_steps:
-                    values = result.values_or_raise(ctx, checkpoints)
-                    elapsed = time.perf_counter() - tick
-                    metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, **values, "lr": lr,
-                                   "images_per_s": seen * runtime.world_size / max(elapsed, 1e-9)})
-                    tick, seen = time.perf_counter(), 0
-                if runtime.is_main and val_shards and (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps):
-                    metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch,
-                                   "val": validate(student.model, val_shards, student.data, runtime.device, ctx.cfg,
-                                                   ctx.val_bad_rows)})
-                stopping = stop.signal_number is not None and done < steps.stop
-                if done % tc.checkpoint_every == 0 or done == steps.stop or stopping:
-                    save_checked(ctx, student, checkpoints, result)
-                if stopping:
-                    raise TrainingStopped(f"stopped at step {done}: last.pt kept", stop.signal_number)
-        except (ShardDataError, StoreError) as error:
-            if previous is None or previous.step == checkpoints.last_step or runtime.world_size > 1:
-                raise  # nothing done since last.pt; or other ranks, which would wait in save's collectives
-            save_checked(ctx, student, checkpoints, previous)
-            raise type(error)(f"{one_line(error)}; last.pt kept at step {previous.step}: once the data is fixed, "
-                              "continue with train-student --resume") from error
+            except (ShardDataError, StoreError) as error:
+                keep_steps_done(ctx, student, checkpoints, previous, error)
+            loss, parts = step_loss(net, inputs, tc)
+            result = StepResult(done, inputs.rows, HostCopy({"loss": loss.detach(),
+                                                             "finite": finite_flag([loss], runtime), **parts}))
+            lr = optimizer_step(student, loss, tc)
+            if previous is not None:  # read one step late, so the device never waits for the host
+                previous.values_or_raise(ctx, checkpoints)
+            previous = result
+            seen += len(inputs.images)
+            if done % tc.log_every == 0 or done == ctx.total_steps:
+                values = result.values_or_raise(ctx, checkpoints)
+                elapsed = time.perf_counter() - tick
+                metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch, **values, "lr": lr,
+                               "images_per_s": seen * runtime.world_size / max(elapsed, 1e-9)})
+                tick, seen = time.perf_counter(), 0
+            if runtime.is_main and val_shards and (done % ctx.steps_per_epoch == 0 or done == ctx.total_steps):
+                metrics.write({"step": done, "epoch": done / ctx.steps_per_epoch,
+                               "val": validate(student.model, val_shards, student.data, runtime.device, ctx.cfg,
+                                               ctx.val_bad_rows)})
+            stopping = stop.signal_number is not None and done < steps.stop
+            if done % tc.checkpoint_every == 0 or done == steps.stop or stopping:
+                save_checked(ctx, student, checkpoints, result)
+            if stopping:
+                raise TrainingStopped(f"stopped at step {done}: last.pt kept", stop.signal_number)
+
+
+def keep_steps_done(ctx: RunContext, student: Student, checkpoints: Checkpoints, done: StepResult | None,
+                    error: DhoError) -> None:
+    """Stop on `error`, a batch that cannot be read, with last.pt written at `done`, the last step done, when it is
+    newer than the last checkpoint (one process only: under torchrun, save's collectives would wait for ranks that
+    did not fail)."""
+    if done is None or done.step == checkpoints.last_step or ctx.runtime.world_size > 1:
+        raise error
+    save_checked(ctx, student, checkpoints, done)
+    raise type(error)(f"{one_line(error)}; last.pt kept at step {done.step}: once the data is fixed, continue with "
+                      "train-student --resume") from error
 
 
 def save_checked(ctx: RunContext, student: Student, checkpoints: Checkpoints, result: StepResult) -> None:

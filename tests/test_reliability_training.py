@@ -526,7 +526,8 @@ def test_an_out_dir_under_or_at_a_file_is_named_in_one_line(cached_store, shards
     config = train_config(tmp_path, shards_dir, teacher_file, cached_store, out_dir=str(tmp_path / "notes" / "run"))
     one_line_error(train(config), f"{tmp_path / 'notes'}: a file, where the folder that holds")
     config = train_config(tmp_path, shards_dir, teacher_file, cached_store, out_dir=str(tmp_path / "notes"))
-    one_line_error(train(config), f"{tmp_path / 'notes'} (train.out_dir) is a file, not a folder")
+    for args in ([], ["--overwrite"]):
+        one_line_error(train(config, *args), f"{tmp_path / 'notes'} (train.out_dir) is a file, not a folder")
 
 
 def test_a_second_run_into_a_folder_in_training_is_refused_naming_the_first(cached_store, shards_dir, teacher_file,
