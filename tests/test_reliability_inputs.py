@@ -139,14 +139,18 @@ def test_a_teacher_file_that_is_not_a_checkpoint_of_the_model_is_named_in_one_li
 @pytest.mark.parametrize(("overrides", "says"), [
     (["teacher.model=ViT-Q-99"], "teacher.model: unknown open_clip model 'ViT-Q-99'"),
     (["teacher.templates=nope"], "teacher.templates: unknown template set 'nope' (known: aircraft,"),
-    (["teacher.extra_templates=[x]"], "teacher.extra_templates: template 'x' has no '{}'"),
-    (["teacher.extra_templates=['a {} of {}']"], "teacher.extra_templates: template 'a {} of {}' takes one class "
-     "name at '{}' (IndexError: Replacement index 1 out of range"),
-    (["teacher.extra_templates=['a {} {x']"], "template 'a {} {x' takes one class name at '{}' (ValueError"),
+    (["teacher.extra_templates=[x]"], "teacher.extra_templates: template 'x' must hold one '{}' for the class "
+     "name (it has 0)"),
+    (["teacher.extra_templates=['a {} of {}']"], "template 'a {} of {}' must hold one '{}' for the class name (it "
+     "has 2: '', '')"),
+    (["teacher.extra_templates=['a photo of a {{}}.']"], "template 'a photo of a {{}}.' must hold one '{}' for the "
+     "class name (it has 0)"),  # a literal '{}' in every class's text
+    (["teacher.extra_templates=['a {} {x']"], "template 'a {} {x' is no format string (expected '}' before end"),
     (["teacher.pretrained=openai"], "teacher.pretrained: 'openai' is no file (not at "),
     (["teacher.model=ViT-B-32", "teacher.pretrained=openai"], "teacher.pretrained: 'openai' is a hub tag that needs "
      "a download, which failed (OSError: Name or service not known); give a local checkpoint file"),
-], ids=["model", "templates", "extra-templates", "two-slots", "open-brace", "unknown-tag", "tag-offline"])
+], ids=["model", "templates", "extra-templates", "two-slots", "escaped-slot", "open-brace", "unknown-tag",
+     "tag-offline"])
 def test_a_teacher_that_cannot_be_built_is_named_in_one_line(overrides, says, tmp_path, shards_dir, teacher_file,
                                                               monkeypatch):
     def offline(*args, **kwargs):

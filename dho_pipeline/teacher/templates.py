@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 from dho_pipeline.config import ConfigError
 
 TEMPLATES: dict[str, list[str]] = {
@@ -41,13 +43,14 @@ def resolve_templates(name: str | None, extra: list[str] | None = None) -> list[
         raise ConfigError(f"teacher.templates: unknown template set {name!r} (known: {known})")
     templates = list(TEMPLATES.get(name, [])) + list(extra or [])
     for t in templates:
-        if "{}" not in t:
-            raise ConfigError(f"teacher.extra_templates: template {t!r} has no '{{}}' for the class name")
-        try:
-            t.format("class")  # as open_clip fills it: one '{}', other braces doubled
-        except (IndexError, KeyError, ValueError) as e:
-            raise ConfigError(f"teacher.extra_templates: template {t!r} takes one class name at '{{}}' "
-                              f"({type(e).__name__}: {e}); write a literal brace as '{{{{' or '}}}}'") from None
+        try:  # as open_clip fills it: str.format with the class name
+            fields = [field for _, field, _, _ in string.Formatter().parse(t) if field is not None]
+        except ValueError as e:
+            raise ConfigError(f"teacher.extra_templates: template {t!r} is no format string ({e}); write a literal "
+                              "brace as '{{' or '}}'") from None
+        if fields != [""]:
+            raise ConfigError(f"teacher.extra_templates: template {t!r} must hold one '{{}}' for the class name (it "
+                              f"has {len(fields)}{': ' + ', '.join(repr(f) for f in fields) if fields else ''})")
     if not templates:
         raise ConfigError("teacher.templates: no templates given")
     return templates
