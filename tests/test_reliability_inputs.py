@@ -190,6 +190,12 @@ def test_a_student_weights_file_of_another_model_is_refused_not_trained_from_ran
     assert all(torch.equal(student.backbone.state_dict()[k], v) for k, v in trained.state_dict().items()
                if not k.startswith("fc."))
 
+    levit = timm.create_model("levit_128s")  # a head of BatchNorms and Linears, left over whole
+    torch.save(levit.state_dict(), tmp_path / "levit.pth")
+    student, _ = build_student(StudentConfig(model="levit_128s", pretrained_file="levit.pth"), ["a", "b"],
+                               base=tmp_path)
+    assert torch.equal(student.backbone.stem.conv1.linear.weight, levit.stem.conv1.linear.weight)
+
     torch.save(timm.create_model("resnet14t").state_dict(), tmp_path / "resnet14t.pth")
     torch.save({**trained.state_dict(), "layer5.0.conv1.weight": torch.zeros(1)}, tmp_path / "deeper.pth")
     (tmp_path / "notes.txt").write_text("not weights")

@@ -76,7 +76,7 @@ def _timm_student(cfg: StudentConfig, num_classes: int, base: Path) -> tuple[Dua
 def load_backbone_weights(backbone: nn.Module, weights: Path, model: str) -> None:
     """Load a timm weights file (.safetensors, or torch.save of a state dict) into a classifier-less backbone.
 
-    Every backbone weight must come from the file at its shape; only the file's classifier may be left over.
+    Every backbone weight must come from the file at its shape; only the file's classifier head may be left over.
     timm's own pretrained loading is lenient once the classifier is dropped, and would train a file of another
     model from random init with no more than a logged warning.
     """
@@ -89,9 +89,9 @@ def load_backbone_weights(backbone: nn.Module, weights: Path, model: str) -> Non
     except RuntimeError as e:  # a weight of another shape: the first one named
         mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), one_line(e))
         raise ConfigError(f"student.pretrained_file: {weights} does not fit timm {model} ({mismatch})") from e
-    classifier = backbone.pretrained_cfg.get("classifier") or "fc"
-    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    extra = [k for k in result.unexpected_keys if not any(k.startswith(f"{name}.") for name in names)]
+    with torch.device("meta"):  # the weights a classifier adds (levit's head holds a BatchNorm too): no memory
+        head = set(timm.create_model(model, num_classes=1).state_dict()) - set(backbone.state_dict())
+    extra = [k for k in result.unexpected_keys if k not in head]
     missing = result.missing_keys
     if missing or extra:
         problem = (f"lacks {len(missing)} of its {len(backbone.state_dict())} weights (e.g. {missing[0]})" if missing
