@@ -160,7 +160,7 @@ def run(cfg: PipelineConfig, resume: bool = False, overwrite: bool = False, max_
     ctx = setup_data(cfg)
     check_student_config(cfg.student, cfg.base_dir)  # before the run folder is made
     # one run per folder: a second would interleave metrics.jsonl and overwrite the first one's checkpoints
-    with rank_zero_lock(cfg.path(cfg.train.out_dir), ctx.runtime):
+    with rank_zero_lock(cfg.path(cfg.train.out_dir), ctx.runtime, hidden=True):
         checkpoints = Checkpoints(ctx)
         if resume:
             checkpoints.check_resumable()

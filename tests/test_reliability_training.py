@@ -535,11 +535,13 @@ def test_a_second_run_into_a_folder_in_training_is_refused_naming_the_first(cach
     from dho_pipeline.store.lock import store_write_lock
 
     config = train_config(tmp_path, shards_dir, teacher_file, cached_store)
-    with store_write_lock(tmp_path / "run"):  # as a first train-student into run/ holds it
+    with store_write_lock(tmp_path / "run", hidden=True):  # as a first train-student into run/ holds it
         second = train(config)
     one_line_error(second, f"{tmp_path / 'run'}: being written by pid {os.getpid()} on host",
-                   f"(lock file {tmp_path / 'run.lock'})")
+                   f"(lock file {tmp_path / '.run.lock'})")
     assert not (tmp_path / "run").exists(), "the second run wrote nothing"
+    assert train(config).exit_code == 0 and sorted(p.name for p in tmp_path.glob("*run*")) == ["run", "run.yaml"], \
+        "no lock file left, and none a glob of run folders would take for a run"
 
 
 def test_evaluate_finds_a_runs_moved_shards_by_run_shards_and_refuses_other_ones(uninterrupted, shards_dir,

@@ -60,19 +60,21 @@ class Lease:
             raise StoreLocked(problem)
 
 
-def lock_path(store: Location) -> Location:
-    return store.with_name(store.name + ".lock")
+def lock_path(store: Location, hidden: bool = False) -> Location:
+    """`<name>.lock` beside the store; `.<name>.lock` when `hidden` (a run folder's, out of the way of `runs/*`)."""
+    return store.with_name(f"{'.' if hidden else ''}{store.name}.lock")
 
 
 @contextlib.contextmanager
-def store_write_lock(store: Location | str) -> Iterator[Lease]:
-    """Hold the store's write lock for the `with` block, or raise StoreLocked naming the holder."""
+def store_write_lock(store: Location | str, hidden: bool = False) -> Iterator[Lease]:
+    """Hold the store's write lock for the `with` block, or raise StoreLocked naming the holder. `hidden`: the
+    lock file's name begins with a dot (local folders only)."""
     store = location(store)
     if isinstance(store, UrlPath):
         with _object_store_lock(store) as lease:
             yield lease
         return
-    path = lock_path(store)
+    path = lock_path(store, hidden)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -91,7 +93,7 @@ def store_write_lock(store: Location | str) -> Iterator[Lease]:
 
 
 @contextlib.contextmanager
-def rank_zero_lock(store: Location, runtime: Runtime) -> Iterator[Lease]:
+def rank_zero_lock(store: Location, runtime: Runtime, hidden: bool = False) -> Iterator[Lease]:
     """Rank 0 holds the store's lock for every rank; if it cannot, every rank raises StoreLocked.
 
     On an object store the other ranks (other nodes, maybe) check rank 0's lease themselves before each shard
@@ -101,7 +103,7 @@ def rank_zero_lock(store: Location, runtime: Runtime) -> Iterator[Lease]:
         refusal, lease = None, Lease()
         if runtime.is_main:
             try:
-                lease = stack.enter_context(store_write_lock(store))
+                lease = stack.enter_context(store_write_lock(store, hidden))
             except StoreLocked as e:
                 refusal = str(e)
         refusal, number = runtime.broadcast((refusal, lease.number))
