@@ -32,19 +32,28 @@ WORKER_EXIT_S = 10  # how long a test's worker processes may take to exit after 
 
 
 
-def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int:
     """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (`docker --cpus`, CI
     runners), which neither the affinity nor pytest-xdist's own count sees."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup)
+    quota = cgroup_cpu_quota(cgroup, membership)
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
-def cgroup_cpu_quota(cgroup: Path) -> float | None:
-    """The CPUs a cgroup's quota allows (cgroup v2's cpu.max, else v1's cpu.cfs_quota_us); None without one."""
+def cgroup_cpu_quota(cgroup: Path, membership: Path) -> float | None:
+    """The CPUs a cgroup quota allows this process: cgroup v2's cpu.max of its own cgroup (named in
+    `membership`) or the root, else v1's cpu.cfs_quota_us; None without one."""
     try:
-        quota, period = (cgroup / "cpu.max").read_text().split()
-    except (OSError, ValueError):
+        own = next((line[3:].strip("/ ") for line in membership.read_text().splitlines() if line.startswith("0::")), "")
+    except OSError:
+        own = ""
+    for folder in dict.fromkeys([cgroup / own, cgroup]):
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()
+            break
+        except (OSError, ValueError):
+            continue
+    else:
         try:
             quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
             period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
