@@ -42,6 +42,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def state_dict_problem(error: BaseException) -> str:
+    """The first mismatch torch's load_state_dict names ('size mismatch for fc.weight: ...', 'Missing key(s) in
+    state_dict: ...'), else the message on one line."""
+    return next((line.strip() for line in str(error).splitlines() if line.startswith("\t")), one_line(error))
+
+
 def is_user_error(error: BaseException) -> bool:
     """Errors the user can act on from one line: dho's own, a missing or existing file, a file where a folder
     should be (or the reverse), no permission, a full disk."""

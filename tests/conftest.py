@@ -31,7 +31,6 @@ SHARD_SIZE = 32
 WORKER_EXIT_S = 10  # how long a test's worker processes may take to exit after it
 
 
-
 def available_cores(cgroup: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int:
     """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (`docker --cpus`, CI
     runners), which neither the affinity nor pytest-xdist's own count sees."""

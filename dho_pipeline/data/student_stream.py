@@ -61,13 +61,13 @@ class StudentStream(IterableDataset):
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.start_batch = start_batch
-        self.bad_rows: set[int] = set()
+        self.bad_rows: frozenset[int] = frozenset()
         self._last_read: tuple[int, list[dict], ShardRows | None] | None = None
         if store_path is not None:
             store = TeacherStore.open(store_path)
             if rank == 0:  # one full check before training; every later read is checked again
                 store.require_intact(shards)
-            self.bad_rows = set(store.bad_rows(shards))
+            self.bad_rows = store.bad_rows(shards)
 
     def _consumer(self) -> tuple[int, int, int, int]:
         """(consumer id, consumer count, logical worker id, worker count).

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dho_pipeline.config import StudentConfig
-from dho_pipeline.errors import CheckpointError, one_line
+from dho_pipeline.errors import CheckpointError, state_dict_problem
 from dho_pipeline.student.checkpoint import load_checkpoint
 from dho_pipeline.student.model import DualHeadStudent, StudentData, build_student
 
@@ -42,9 +42,8 @@ def load_student(path: Path, device: torch.device) -> TrainedStudent:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # e.g. weights saved under another timm version that renamed layers
-        mismatch = next((line.strip() for line in str(e).splitlines() if line.startswith("\t")), one_line(e))
         raise CheckpointError(f"{path}: its weights do not fit the {cfg.kind} {cfg.model} student it names, with "
-                              f"{len(ckpt['class_names'])} classes ({mismatch})") from e
+                              f"{len(ckpt['class_names'])} classes ({state_dict_problem(e)})") from e
     model.to(device).eval()
     data = StudentData(**ckpt["student_data"])
     return TrainedStudent(model, data, ckpt["class_names"], ckpt["alpha"], ckpt["beta"], ckpt)

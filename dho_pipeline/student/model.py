@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dho_pipeline.config import ConfigError, StudentConfig
-from dho_pipeline.errors import one_line
+from dho_pipeline.errors import one_line, state_dict_problem
 from dho_pipeline.teacher.open_clip_teacher import LOGIT_SCALE, register_model_configs
 from dho_pipeline.teacher.templates import resolve_templates
 
@@ -87,8 +87,8 @@ def load_backbone_weights(backbone: nn.Module, weights: Path, model: str) -> Non
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a weight of another shape: the first one named
-        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), one_line(e))
-        raise ConfigError(f"student.pretrained_file: {weights} does not fit timm {model} ({mismatch})") from e
+        raise ConfigError(f"student.pretrained_file: {weights} does not fit timm {model} "
+                          f"({state_dict_problem(e)})") from e
     with torch.device("meta"):  # the weights a classifier adds (levit's head holds a BatchNorm too): no memory
         head = set(timm.create_model(model, num_classes=1).state_dict()) - set(backbone.state_dict())
     extra = [k for k in result.unexpected_keys if k not in head]
