@@ -5,6 +5,7 @@ worker process running."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import math
 import multiprocessing
@@ -152,14 +153,24 @@ def write_config(path: Path, shards: Path, teacher_file: Path, **sections: dict)
 
 @pytest.fixture(scope="session")
 def trained_teacher_file(fmnist: IdxSource, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's tiny CLIP, pretrained for 5 epochs on 2,000 training images: far better than chance, not perfect."""
+    """The demo's tiny CLIP, pretrained for 5 epochs on 2,000 training images: far better than chance, not perfect.
+
+    Trained once per test run: pytest-xdist's workers share it (the first to ask trains it, holding a lock).
+    """
     from dho_pipeline.teacher.templates import TEMPLATES
     from dho_pipeline.teacher.tiny_clip import pretrain_tiny_clip
 
-    images, labels = fmnist.images["train"][-2000:], fmnist.labels["train"][-2000:]
-    path = tmp_path_factory.mktemp("trained-teacher") / "tiny-clip-trained.pt"
-    return pretrain_tiny_clip(images, labels, fmnist.class_names, TEMPLATES["fashion-mnist"], path, epochs=5,
-                              batch_size=64, progress=False)
+    folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = folder.parent  # this run's folder, above each worker's own
+    path = folder / "tiny-clip-trained.pt"
+    with open(folder / "tiny-clip-trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            images, labels = fmnist.images["train"][-2000:], fmnist.labels["train"][-2000:]
+            pretrain_tiny_clip(images, labels, fmnist.class_names, TEMPLATES["fashion-mnist"], path, epochs=5,
+                               batch_size=64, progress=False)
+    return path
 
 
 @pytest.fixture(scope="session")
