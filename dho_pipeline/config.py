@@ -60,6 +60,7 @@ class TeacherConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     batch_size: int = 256
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # weights and activations; auto: bf16 on CUDA, fp32 on CPU
+    render: Literal["workers", "device"] = "workers"  # stage one's views: cropped by the loader workers or on device
     mode: Literal["cached", "online"] = "cached"  # online runs the teacher every step (for comparison)
     online_views: Literal["cached", "fresh"] = "cached"
 

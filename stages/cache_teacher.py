@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dho_pipeline.config import ConfigError, PipelineConfig
 from dho_pipeline.data.loader_workers import end_workers, start_loader
 from dho_pipeline.data.shards import SOURCES, Manifest, Shard, load_manifest
-from dho_pipeline.data.teacher_views import TeacherViewBatches, views_for_split
+from dho_pipeline.data.teacher_views import TeacherViewBatches, views_for_split, views_on
 from dho_pipeline.data.views import ViewRecipe, normalize
 from dho_pipeline.errors import warn
 from dho_pipeline.locations import Location
@@ -90,6 +90,9 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         raise ConfigError(f"cache.top_k: {cfg.cache.top_k}, but the shards have {classes} classes: set it at most "
                           f"{classes}, or null to keep every logit")
     recipe = view_recipe(cfg)
+    if cfg.teacher.render == "device" and runtime.device.type == "cpu":
+        warn("teacher.render: device on the CPU renders every view in this one process, not in the "
+             f"{cfg.data.num_workers} loader workers: slower than teacher.render: workers here")
     request = fingerprint_hash(stage_one_request(cfg, manifest, runtime.device))
     if not overwrite:
         finished = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
@@ -153,7 +156,8 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
     number of views: the start-up a benchmark separates from the steady state.
     """
     dataset = TeacherViewBatches(pending, recipe, teacher.image_size, cfg.teacher.batch_size,
-                                 skip_bad=cfg.data.on_bad_image == "skip")
+                                 skip_bad=cfg.data.on_bad_image == "skip",
+                                 render_on_device=cfg.teacher.render == "device")
     rows = ShardBuffers(store, pending, 1 + recipe.count, lease)
     first_done, first_views, in_flight = None, 0, None
     with tqdm(total=sum(s.count for s in pending), desc=f"cache-teacher [rank {runtime.rank}]", unit="img",
@@ -164,12 +168,12 @@ def write_pending(store: TeacherStore, pending: list[Shard], teacher: Teacher, r
                               deaf=takes_signals(runtime.world_size))
         try:
             for batch in loader:
-                outputs = queue_teacher(teacher, batch["images"], runtime.device, store.top_k)
+                outputs = queue_teacher(teacher, views_on(batch, runtime.device, teacher.image_size), store.top_k)
                 if in_flight is not None:  # the previous batch's logits: collected while this one runs
                     bar.update(rows.add(*in_flight))
                     first_done = first_done or time.perf_counter()
                 else:
-                    first_views = batch["images"].shape[0] * batch["images"].shape[1]
+                    first_views = batch["flips"].shape[0] * batch["flips"].shape[1]
                 in_flight = (batch, outputs)
             if in_flight is not None:
                 bar.update(rows.add(*in_flight))
@@ -191,13 +195,13 @@ def sources_folder(manifest: Manifest) -> Location | None:
         return None
 
 
-def queue_teacher(teacher: Teacher, images: torch.Tensor, device: torch.device, top_k: int | None) -> HostCopy:
-    """Queue the teacher on a batch of uint8 views (N, V, 3, S, S); its outputs come back without waiting.
+def queue_teacher(teacher: Teacher, images: torch.Tensor, top_k: int | None) -> HostCopy:
+    """Queue the teacher on a batch of uint8 views (N, V, 3, S, S) on its device; its outputs come back without
+    waiting.
 
     The logits of every view (or, for a top-k store, their k largest with classes and log-sum-exp), plus
     the clean view's zero-shot logits when an adapter makes the logits.
     """
-    images = images.to(device, non_blocking=True)
     n, views = images.shape[:2]
     features = teacher.features(normalize(images.flatten(0, 1), teacher.mean, teacher.std))
     logits = teacher.head(features).view(n, views, -1)

@@ -1,4 +1,9 @@
-"""Stage one's input: per shard, batches of every image's clean view + K random views, with their boxes."""
+"""Stage one's input: per shard, batches of every image's clean view + K random views, with their boxes.
+
+The loader workers render the views (`teacher.render: workers`), or only decode the images and leave the
+crops to the teacher's device (`teacher.render: device`, see device_render.py); `views_on` gives the views
+on the device either way.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dho_pipeline.data.device_render import render_views
 from dho_pipeline.data.samples import parse_sample
 from dho_pipeline.data.shards import Shard, iter_shard
-from dho_pipeline.data.views import ViewRecipe, render_view, view_params
+from dho_pipeline.data.views import ViewRecipe, pixel_box, render_view, view_params
 
 EVAL_SPLITS = ("val", "test")
 
@@ -25,17 +31,20 @@ class TeacherViewBatches(IterableDataset):
     """Yields dicts of one shard's samples in fixed batches (independent of workers and restarts).
 
     Worker w of W takes shards w, w + W, ...; use with `DataLoader(batch_size=None)`. `view_ids` replaces
-    the per-split default views (e.g. extra augmented views for fitting an adapter).
+    the per-split default views (e.g. extra augmented views for fitting an adapter). A batch holds its
+    rendered "images" (N, V, 3, S, S), or with `render_on_device` its decoded "sources" (N, H, W, 3),
+    zero-padded to the batch's largest image, and each view's "pixel_boxes" (N, V, 4).
     """
 
     def __init__(self, shards: list[Shard], recipe: ViewRecipe, image_size: int, images_per_batch: int,
-                 skip_bad: bool = False, view_ids: list[int] | None = None):
+                 skip_bad: bool = False, view_ids: list[int] | None = None, render_on_device: bool = False):
         self.shards = shards
         self.view_ids = view_ids
         self.recipe = recipe
         self.image_size = image_size
         self.images_per_batch = images_per_batch
         self.skip_bad = skip_bad
+        self.render_on_device = render_on_device
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -49,42 +58,78 @@ class TeacherViewBatches(IterableDataset):
         per_batch = max(1, self.images_per_batch // len(views))
         images, pending = None, []
         for position, raw in enumerate(iter_shard(shard)):
-            if images is None:
+            if not pending:
                 rows = min(per_batch, shard.count - position) if shard.count > 0 else per_batch  # a short last batch
-                images = batch_buffer((rows, len(views), 3, self.image_size, self.image_size))
+                if not self.render_on_device:
+                    images = batch_buffer((rows, len(views), 3, self.image_size, self.image_size))
             sample = parse_sample(raw, shard, position, self.skip_bad)
-            pending.append(self._render(sample, views, images[len(pending)]))
-            if len(pending) == len(images):
+            pending.append(self._render(sample, views, None if images is None else images[len(pending)]))
+            if len(pending) == rows:
                 yield self._collate(index, pending, images)
-                images, pending = None, []
+                pending = []
         if pending:
-            yield self._collate(index, pending, images[: len(pending)])
+            yield self._collate(index, pending, None if images is None else images[: len(pending)])
 
-    def _render(self, sample, views: list[int], out: torch.Tensor) -> dict:
-        """Render the sample's views into `out` (V, 3, S, S); a skipped bad image leaves zeros."""
+    def _render(self, sample, views: list[int], out: torch.Tensor | None) -> dict:
+        """Render the sample's views into `out` (V, 3, S, S), or keep the image and each view's box in whole
+        pixels for the device (`out` None); a skipped bad image renders zeros."""
         boxes = np.zeros((len(views), 4), np.float32)
         flips = np.zeros(len(views), bool)
-        if sample.image is None:
-            out.zero_()
-        else:
+        pixels = np.tile(np.array([0, 0, 1, 1], np.int32), (len(views), 1))  # a bad image: one pixel of padding
+        if sample.image is not None:
             _, height, width = sample.image.shape
             for v, view in enumerate(views):
                 boxes[v], flips[v] = view_params(self.recipe, sample.row, view, width, height)
+                pixels[v] = pixel_box(boxes[v], width, height)
+        item = {"row": sample.row, "label": sample.label, "bad": sample.image is None, "boxes": boxes, "flips": flips}
+        if out is None:
+            return item | {"image": sample.image, "pixel_boxes": pixels}
+        if sample.image is None:
+            out.zero_()
+        else:
+            for v in range(len(views)):
                 out[v] = render_view(sample.image, boxes[v], bool(flips[v]), self.image_size)
-        return {"row": sample.row, "label": sample.label, "bad": sample.image is None, "boxes": boxes,
-                "flips": flips}
+        return item
 
     @staticmethod
-    def _collate(index: int, items: list[dict], images: torch.Tensor) -> dict:
-        return {
+    def _collate(index: int, items: list[dict], images: torch.Tensor | None) -> dict:
+        batch = {
             "shard": index,
             "rows": np.array([it["row"] for it in items]),
             "labels": np.array([it["label"] for it in items], np.int16),
             "bad": np.array([it["bad"] for it in items]),
-            "images": images,
             "boxes": np.stack([it["boxes"] for it in items]),
             "flips": np.stack([it["flips"] for it in items]),
         }
+        if images is not None:
+            return batch | {"images": images}
+        return batch | {"sources": padded_sources([it["image"] for it in items]),
+                        "pixel_boxes": torch.from_numpy(np.stack([it["pixel_boxes"] for it in items]))}
+
+
+def padded_sources(images: list[torch.Tensor | None]) -> torch.Tensor:
+    """Decoded uint8 images (3, H, W) (None: a bad one) in one (N, H_max, W_max, 3) batch, zero-padded.
+
+    Channels last, as decoders lay images out: each image is copied row by row, not transposed.
+    """
+    height = max((im.shape[1] for im in images if im is not None), default=1)
+    width = max((im.shape[2] for im in images if im is not None), default=1)
+    sources = batch_buffer((len(images), height, width, 3))
+    for out, image in zip(sources, images, strict=True):
+        h, w = (0, 0) if image is None else image.shape[1:]
+        if image is not None:
+            out[:h, :w] = image.permute(1, 2, 0)
+        out[:h, w:] = 0
+        out[h:] = 0
+    return sources
+
+
+def views_on(batch: dict, device: torch.device, size: int) -> torch.Tensor:
+    """A batch's uint8 views (N, V, 3, S, S) on `device`: moved there, or rendered there from its sources."""
+    if "images" in batch:
+        return batch["images"].to(device, non_blocking=True)
+    return render_views(batch["sources"].to(device, non_blocking=True), batch["pixel_boxes"].to(device),
+                        torch.as_tensor(batch["flips"]).to(device), size)
 
 
 def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:

@@ -98,11 +98,16 @@ def view_params(recipe: ViewRecipe, row: int, view: int, width: int, height: int
     return frac, flip
 
 
+def pixel_box(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """A box of fractions (x0, y0, w, h) as whole pixels (left, top, w, h) of a width x height image."""
+    left, top = round(float(box[0]) * width), round(float(box[1]) * height)
+    return left, top, max(1, round(float(box[2]) * width)), max(1, round(float(box[3]) * height))
+
+
 def render_view(image: torch.Tensor, box: np.ndarray, flip: bool, size: int) -> torch.Tensor:
     """Crop `box` (fractions) out of a uint8 (3, H, W) image, resize to size x size (bicubic), flip."""
     _, height, width = image.shape
-    left, top = round(float(box[0]) * width), round(float(box[1]) * height)
-    w, h = max(1, round(float(box[2]) * width)), max(1, round(float(box[3]) * height))
+    left, top, w, h = pixel_box(box, width, height)
     out = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
                           antialias=True)
     return TF.horizontal_flip(out) if flip else out

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dho_pipeline.atomic_write import write_whole
 from dho_pipeline.config import AdapterConfig, ConfigError, PipelineConfig
 from dho_pipeline.data.shards import Manifest, Shard
-from dho_pipeline.data.teacher_views import TeacherViewBatches
+from dho_pipeline.data.teacher_views import TeacherViewBatches, views_on
 from dho_pipeline.data.views import CLEAN_VIEW, ViewRecipe, normalize
 from dho_pipeline.errors import CheckpointError, one_line, warn
 from dho_pipeline.locations import Location, location
@@ -60,13 +60,14 @@ def tip_logits(features: torch.Tensor, classifier: torch.Tensor, keys: torch.Ten
 @torch.no_grad()
 def teacher_features(teacher: Teacher, shards: list[Shard], recipe: ViewRecipe, view_ids: list[int],
                      device: torch.device, batch_size: int = 256, num_workers: int = 0,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     desc: str = "features", render_on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised teacher features (N, len(view_ids), D) of every sample of `shards`, and labels (N,)."""
-    dataset = TeacherViewBatches(shards, recipe, teacher.image_size, batch_size, view_ids=view_ids)
+    dataset = TeacherViewBatches(shards, recipe, teacher.image_size, batch_size, view_ids=view_ids,
+                                 render_on_device=render_on_device)
     loader = DataLoader(dataset, batch_size=None, num_workers=min(num_workers, len(shards)))
     feats, labels, rows = [], [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        images = batch["images"].to(device)
+        images = views_on(batch, device, teacher.image_size)
         n, v = images.shape[:2]
         f = teacher.features(normalize(images.flatten(0, 1), teacher.mean, teacher.std))
         feats.append(f.view(n, v, -1).cpu())
@@ -92,11 +93,12 @@ def search_ab(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Te
 
 
 def fit_adapter(teacher: Teacher, manifest: Manifest, recipe: ViewRecipe, kind: str, cfg: AdapterConfig,
-                device: torch.device, num_workers: int = 0, log=print) -> tuple[TipAdapter, dict]:
+                device: torch.device, num_workers: int = 0, log=print,
+                render_on_device: bool = False) -> tuple[TipAdapter, dict]:
     """Fit Tip-Adapter (or -F) on the labelled shards; search a, b on val. Returns it and a report."""
     augment_views = [1 + recipe.count + e for e in range(cfg.augment_epochs)]  # views no student sees
     train, labels = teacher_features(teacher, manifest.splits["labelled"], recipe, augment_views, device,
-                                     num_workers=num_workers, desc="adapter keys")
+                                     num_workers=num_workers, desc="adapter keys", render_on_device=render_on_device)
     classifier = teacher.classifier.to(device)
     num_classes = classifier.shape[1]
     keys = F.normalize(train.mean(1), dim=-1).to(device)
@@ -109,7 +111,8 @@ def fit_adapter(teacher: Teacher, manifest: Manifest, recipe: ViewRecipe, kind: 
     val_accuracy = None
     if manifest.splits.get("val"):
         val, val_labels = teacher_features(teacher, manifest.splits["val"], recipe, [CLEAN_VIEW], device,
-                                           num_workers=num_workers, desc="adapter val")
+                                           num_workers=num_workers, desc="adapter val",
+                                           render_on_device=render_on_device)
         val, val_labels = val[:, 0].to(device), val_labels.to(device)
 
         def val_accuracy(k: torch.Tensor, a: float, b: float) -> float:
@@ -211,7 +214,7 @@ def fit_and_save(teacher: Teacher, cfg: PipelineConfig, manifest: Manifest, path
                  log: Callable[[str], None] = print) -> tuple[str, dict]:
     """Fit the adapter teacher.kind asks for and write it to `path`; returns its sha256 and the fit report."""
     adapter, report = fit_adapter(teacher, manifest, view_recipe(cfg), cfg.teacher.kind, cfg.teacher.adapter,
-                                  device, cfg.data.num_workers, log)
+                                  device, cfg.data.num_workers, log, render_on_device=cfg.teacher.render == "device")
     return save_adapter(path, adapter, teacher.fingerprint, report), report
 
 
