@@ -1,10 +1,12 @@
 """Stage one's CPU side alone: `TeacherViewBatches` over ImageNet-sized JPEGs, in-process and through loader
-workers, against the same class at another commit, in one run.
+workers, against the same class at another commit, or against its own decode-only batches (what the workers do
+for `teacher.render: device`), in one run.
 
 The source is made here as in benchmarks/speed.py (500x375 JPEGs at quality 90, upscaled from Fashion-MNIST).
-The two versions take turns, `--repeats` times each; the JSON gives every views/s and the ratio of medians.
+The versions take turns, `--repeats` times each; the JSON gives every views/s and the ratios of medians.
 
     python benchmarks/loader_speed.py --against 777c7c8 --images 1200 --workers 1 --repeats 5
+    python benchmarks/loader_speed.py --decode-only --images 1200 --workers 1 --repeats 5
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import click
@@ -35,15 +38,24 @@ MODULE = "dho_pipeline/data/teacher_views.py"
 
 
 @click.command()
-@click.option("--against", required=True, help="The git commit whose TeacherViewBatches to compare with.")
+@click.option("--against", default=None, help="A git commit whose TeacherViewBatches to compare with.")
+@click.option("--decode-only", is_flag=True, help="Compare with the batches the workers make for teacher.render: "
+              "device (decoded images, no views rendered).")
 @click.option("--images", default=1200, show_default=True, help="JPEGs in the generated source.")
 @click.option("--workers", default=1, show_default=True, help="Loader workers (0: in-process only).")
 @click.option("--views", default=8, show_default=True, help="Random views per image (plus the clean one).")
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here.")
-def main(against: str, images: int, workers: int, views: int, repeats: int, out: Path | None) -> None:
+def main(against: str | None, decode_only: bool, images: int, workers: int, views: int, repeats: int,
+         out: Path | None) -> None:
+    if not (against or decode_only):
+        raise click.UsageError("compare with something: --against COMMIT, --decode-only, or both")
     torch.set_num_threads(1)
-    versions = {"current": TeacherViewBatches, against: class_at(against)}
+    versions = {"current": TeacherViewBatches}
+    if against:
+        versions[against] = class_at(against)
+    if decode_only:
+        versions["decode_only"] = partial(TeacherViewBatches, render_on_device=True)
     with tempfile.TemporaryDirectory(prefix="dho-loader-") as work:
         source = make_jpeg_source(IdxSource(FASHION_MNIST_DIR), Path(work) / "jpegs", images)
         splits = split_source(source, shots=4, val_per_class=2, test_per_class=2, seed=1)
@@ -53,8 +65,12 @@ def main(against: str, images: int, workers: int, views: int, repeats: int, out:
             for name, batches in versions.items():
                 rates[name].append(views_per_s(batches(shards, ViewRecipe(count=views), 224, 256), workers))
     result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "images": images, "workers": workers,
-              "views_per_image": 1 + views, "views_per_s": rates,
-              "current_vs_against": statistics.median(rates["current"]) / statistics.median(rates[against])}
+              "views_per_image": 1 + views, "views_per_s": rates}
+    current = statistics.median(rates["current"])
+    if against:
+        result["current_vs_against"] = current / statistics.median(rates[against])
+    if decode_only:
+        result["decode_only_vs_current"] = statistics.median(rates["decode_only"]) / current
     text = json.dumps(result, indent=1)
     if out:
         out.write_text(text + "\n")
@@ -78,7 +94,7 @@ def views_per_s(dataset, workers: int) -> float:
     """Views per second of one pass over `dataset` through `workers` loader workers."""
     tick, views = time.perf_counter(), 0
     for batch in DataLoader(dataset, batch_size=None, num_workers=workers):
-        views += batch["images"].shape[0] * batch["images"].shape[1]
+        views += batch["flips"].shape[0] * batch["flips"].shape[1]
     return views / (time.perf_counter() - tick)
 
 

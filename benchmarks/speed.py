@@ -6,7 +6,8 @@ rerun on the finished store (verify, exit: no teacher built). Against it, a bare
 tensors in the same batch size, per precision, with its model FLOP utilisation (FLOPs of one view from
 torch.utils.flop_counter, over the device's dense bf16 peak). On CUDA, also an ImageNet-sized source made
 here (JPEGs at 500x375, quality 90, upscaled from Fashion-MNIST): decode and render cost per image per core,
-the loader alone through data.num_workers workers, and stage one on it.
+the loader alone through data.num_workers workers, and stage one on it; then the same with `teacher.render:
+device` (the workers only decode; the loader alone, the device's render alone, stage one).
 
 Stage two: images/s and steps/s of CE-only training, DHO from the cache, DHO with the online teacher on the
 same views (`teacher.mode=online`, `teacher.online_views=cached`) and, on CUDA, cached DHO with
@@ -49,7 +50,7 @@ from dho_pipeline.data.samples import parse_sample
 from dho_pipeline.data.shards import iter_shard, load_manifest, write_shards
 from dho_pipeline.data.sources import FASHION_MNIST_DIR, IdxSource, ImageFolderSource
 from dho_pipeline.data.splits import split_source
-from dho_pipeline.data.teacher_views import TeacherViewBatches
+from dho_pipeline.data.teacher_views import TeacherViewBatches, views_on
 from dho_pipeline.data.views import render_view, view_params
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.teacher.open_clip_teacher import TEACHER_DTYPES, load_teacher, register_model_configs
@@ -244,9 +245,14 @@ def jpeg_stage_one(work: Path, config: Path, fmnist: IdxSource, count: int) -> d
     overrides = (f"data.shards={shards.root}", f"cache.root={work / 'jpeg-cache'}")
     cfg = load_config(config, list(overrides))
     sizes = [f.stat().st_size for f in (work / "jpeg-source").rglob("*.jpg")]
-    return {"images": count, "jpeg_kib": float(np.mean(sizes)) / 1024,
-            **render_cost(shards.shards(), cfg), "loader_only": loader_only(shards.shards(), cfg),
-            **stage_one(config, overrides)}
+    result = {"images": count, "jpeg_kib": float(np.mean(sizes)) / 1024,
+              **render_cost(shards.shards(), cfg), "loader_only": loader_only(shards.shards(), cfg),
+              **stage_one(config, overrides)}
+    on_device = (*overrides, "teacher.render=device", f"cache.root={work / 'jpeg-cache-render-on-device'}")
+    result["render_on_device"] = {"loader_only": loader_only(shards.shards(), cfg, on_device=True),
+                                  "render_only": device_render_only(shards.shards(), cfg),
+                                  **stage_one(config, on_device)}
+    return result
 
 
 def make_jpeg_source(fmnist: IdxSource, root: Path, count: int) -> ImageFolderSource:
@@ -296,15 +302,28 @@ def load_teacher_size(cfg) -> int:
     return int(cfg.teacher.image_size or vision["image_size"])
 
 
-def loader_only(shards: list, cfg) -> dict:
-    """Stage one's CPU side alone: TeacherViewBatches through data.num_workers workers, nothing on the device."""
-    dataset = TeacherViewBatches(shards, view_recipe(cfg), load_teacher_size(cfg), cfg.teacher.batch_size)
+def loader_only(shards: list, cfg, on_device: bool = False) -> dict:
+    """Stage one's CPU side alone: TeacherViewBatches through data.num_workers workers, nothing on the device
+    (`on_device`: the decode-only batches of teacher.render: device)."""
+    dataset = TeacherViewBatches(shards, view_recipe(cfg), load_teacher_size(cfg), cfg.teacher.batch_size,
+                                 render_on_device=on_device)
     loader = DataLoader(dataset, batch_size=None, num_workers=min(cfg.data.num_workers, len(shards)),
                         pin_memory=torch.cuda.is_available())
     tick, views = time.perf_counter(), 0
     for batch in loader:
-        views += batch["images"].shape[0] * batch["images"].shape[1]
+        views += batch["flips"].shape[0] * batch["flips"].shape[1]
     return {"workers": cfg.data.num_workers, "views_per_s": views / (time.perf_counter() - tick)}
+
+
+def device_render_only(shards: list, cfg) -> dict:
+    """Views/s of teacher.render: device's crops alone on the device: the first shard's batches, loaded first."""
+    dataset = TeacherViewBatches(shards[:1], view_recipe(cfg), load_teacher_size(cfg), cfg.teacher.batch_size,
+                                 render_on_device=True)
+    device, size = torch.device(cfg.train.device), load_teacher_size(cfg)
+    batches = [{**batch, "sources": batch["sources"].to(device)} for batch in DataLoader(dataset, batch_size=None)]
+    views = sum(batch["flips"].shape[0] * batch["flips"].shape[1] for batch in batches)
+    rate = views_per_s(lambda: [views_on(batch, device, size) for batch in batches], views, device.type)
+    return {"batches": len(batches), "views_per_s": rate}
 
 
 def stage_two(work: Path, config: Path, s: dict, device: str) -> dict:
@@ -337,8 +356,12 @@ def ratios(results: dict) -> dict:
     if default in bare:
         rate = bare[default]["views_per_s"]
         found["stage_one_steady_vs_bare_forward"] = results["stage_one"]["steady_views_per_s"] / rate
-        if "steady_views_per_s" in results.get("stage_one_jpeg", {}):
-            found["jpeg_stage_one_steady_vs_bare_forward"] = results["stage_one_jpeg"]["steady_views_per_s"] / rate
+        jpeg = results.get("stage_one_jpeg", {})
+        if "steady_views_per_s" in jpeg:
+            found["jpeg_stage_one_steady_vs_bare_forward"] = jpeg["steady_views_per_s"] / rate
+        if "steady_views_per_s" in jpeg.get("render_on_device", {}):
+            found["jpeg_render_on_device_steady_vs_bare_forward"] = (jpeg["render_on_device"]["steady_views_per_s"]
+                                                                      / rate)
     if "dho_cached" in results.get("stage_two", {}):
         two = results["stage_two"]
         found |= {
