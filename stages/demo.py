@@ -122,7 +122,8 @@ class DemoDataMissing(FileNotFoundError):
 def load_fashion_mnist() -> IdxSource:
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         raise DemoDataMissing(f"{FASHION_MNIST_DIR} not found. The demo uses Debian's Fashion-MNIST package: "
-                              "sudo apt-get install dataset-fashion-mnist   (or run scripts/install.sh)")
+                              "sudo apt-get install dataset-fashion-mnist   (or run scripts/install.sh), or set "
+                              "DHO_FASHION_MNIST to a folder of its four idx files")
     return IdxSource(FASHION_MNIST_DIR)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
 ]
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's dataset-fashion-mnist; DHO_FASHION_MNIST names another folder of its four idx files
+FASHION_MNIST_DIR = Path(os.environ.get("DHO_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
