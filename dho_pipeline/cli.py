@@ -276,6 +276,7 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
     `dho cache-teacher` fits it by itself when needed, or takes the file via teacher.adapter.file.
     """
     from dho_pipeline.data.shards import load_manifest
+    from dho_pipeline.data.teacher_views import warn_if_rendering_on_cpu
     from dho_pipeline.runtime import pick_device
     from dho_pipeline.teacher.open_clip_teacher import load_teacher
     from dho_pipeline.teacher.tip_adapter import adapter_path, fit_and_save
@@ -285,6 +286,7 @@ def fit_adapter(config: Path | None, overrides: tuple[str, ...], out: Path | Non
         raise click.UsageError("teacher.kind is zero-shot: set it to tip-adapter or tip-adapter-f")
     manifest = load_manifest(cfg.location(cfg.data.shards))
     device = pick_device(cfg.train.device, "train.device")
+    warn_if_rendering_on_cpu(cfg.teacher.render, device, cfg.data.num_workers)
     teacher = load_teacher(cfg.teacher, manifest.class_names, device, cfg.base_dir)
     path = out or adapter_path(cfg, teacher.fingerprint, manifest)
     sha, report = fit_and_save(teacher, cfg, manifest, path, device, log=click.echo)

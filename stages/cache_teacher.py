@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dho_pipeline.config import ConfigError, PipelineConfig
 from dho_pipeline.data.loader_workers import end_workers, start_loader
 from dho_pipeline.data.shards import SOURCES, Manifest, Shard, load_manifest
-from dho_pipeline.data.teacher_views import TeacherViewBatches, views_for_split, views_on
+from dho_pipeline.data.teacher_views import TeacherViewBatches, views_for_split, views_on, warn_if_rendering_on_cpu
 from dho_pipeline.data.views import ViewRecipe, normalize
 from dho_pipeline.errors import warn
 from dho_pipeline.locations import Location
@@ -90,9 +90,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         raise ConfigError(f"cache.top_k: {cfg.cache.top_k}, but the shards have {classes} classes: set it at most "
                           f"{classes}, or null to keep every logit")
     recipe = view_recipe(cfg)
-    if cfg.teacher.render == "device" and runtime.device.type == "cpu":
-        warn("teacher.render: device on the CPU renders every view in this one process, not in the "
-             f"{cfg.data.num_workers} loader workers: slower than teacher.render: workers here")
+    warn_if_rendering_on_cpu(cfg.teacher.render, runtime.device, cfg.data.num_workers)
     request = fingerprint_hash(stage_one_request(cfg, manifest, runtime.device))
     if not overwrite:
         finished = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)

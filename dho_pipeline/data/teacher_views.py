@@ -18,6 +18,7 @@ from dho_pipeline.data.device_render import render_views
 from dho_pipeline.data.samples import parse_sample
 from dho_pipeline.data.shards import Shard, iter_shard
 from dho_pipeline.data.views import ViewRecipe, pixel_box, render_view, view_params
+from dho_pipeline.errors import warn
 
 EVAL_SPLITS = ("val", "test")
 
@@ -122,6 +123,13 @@ def padded_sources(images: list[torch.Tensor | None]) -> torch.Tensor:
         out[:h, w:] = 0
         out[h:] = 0
     return sources
+
+
+def warn_if_rendering_on_cpu(render: str, device: torch.device, workers: int) -> None:
+    """teacher.render: device on the CPU works, in one process: say it is slower than the workers."""
+    if render == "device" and device.type == "cpu":
+        warn(f"teacher.render: device on the CPU renders every view in this one process, not in the {workers} "
+             "loader workers: slower than teacher.render: workers here")
 
 
 def views_on(batch: dict, device: torch.device, size: int) -> torch.Tensor:
