@@ -2,7 +2,7 @@
 # Issue 13's open device checks on a GPU machine without internet, from the repo root:
 #   bash ../shared/gpu/fetch-wheels.sh       # here, once: open_clip, webdataset, zarr, ... as wheels in .whl/
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl pytest==9.0.3 \
-#       pluggy==1.6.0 iniconfig==2.3.0 packaging==26.2 pytest-xdist==3.8.0 execnet==2.1.2   # for the render step
+#       pluggy==1.6.0 iniconfig==2.3.0 packaging==26.2 pygments==2.20.0 pytest-xdist==3.8.0 execnet==2.1.2  # render step
 #   bash benchmarks/gpu_run.sh OUT_DIR [FASHION_MNIST_DIR [STEP ...]]
 # Steps, in this order (default: all three; about 3 + 5 + 4 minutes on an H100):
 #   render     tests/test_device_render.py on CUDA (views the GPU renders against the workers'), then speed.py with
