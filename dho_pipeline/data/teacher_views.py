@@ -133,11 +133,15 @@ def warn_if_rendering_on_cpu(render: str, device: torch.device, workers: int) ->
 
 
 def views_on(batch: dict, device: torch.device, size: int) -> torch.Tensor:
-    """A batch's uint8 views (N, V, 3, S, S) on `device`: moved there, or rendered there from its sources."""
+    """A batch's uint8 views (N, V, 3, S, S) on `device`: moved there, or rendered there from its sources.
+
+    Every copy is queued (non_blocking): a blocking one would wait for the teacher's work on the last batch.
+    """
     if "images" in batch:
         return batch["images"].to(device, non_blocking=True)
-    return render_views(batch["sources"].to(device, non_blocking=True), batch["pixel_boxes"].to(device),
-                        torch.as_tensor(batch["flips"]).to(device), size)
+    sources, boxes, flips = (torch.as_tensor(batch[key]).to(device, non_blocking=True)
+                             for key in ("sources", "pixel_boxes", "flips"))
+    return render_views(sources, boxes, flips, size)
 
 
 def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
