@@ -250,6 +250,10 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
     each with its crop box and flip bit. Resumable: rerun the same command after a crash or kill and
     only unfinished shards are computed. A store whose settings differ is refused unless --overwrite.
     Runs under torchrun (ranks split the shards).
+
+    Speed on a GPU: the tower runs in teacher.dtype (bf16 by default there) while data.num_workers CPU
+    workers decode and crop the views; give them the node's cores. For a teacher faster than they can
+    crop for (ViT-B-16 on an H100), --set teacher.render=device leaves the crops to the GPU.
     """
     from stages import cache_teacher as stage
 
