@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dho_pipeline.config import load_config
+from dho_pipeline.data import teacher_views
 from dho_pipeline.data.device_render import render_views
 from dho_pipeline.data.samples import Sample
 from dho_pipeline.data.shards import load_manifest
@@ -18,6 +19,7 @@ from dho_pipeline.data.views import ViewRecipe, normalize, pixel_box, render_vie
 from dho_pipeline.store.lookup import view_recipe
 from dho_pipeline.store.zarr_store import TeacherStore
 from dho_pipeline.teacher.open_clip_teacher import load_teacher
+from dho_pipeline.teacher.tip_adapter import teacher_features
 from stages import cache_teacher
 from tests.conftest import write_config
 
@@ -94,6 +96,22 @@ def test_teacher_top1_on_device_views_agrees_with_the_workers_views(shards_dir, 
     print(f"views rendered on {device} vs by the workers, {len(workers)} views: top-1 agreement {agreement:.4f}, "
           f"largest logit difference {(workers - on_device).abs().max():.3f}")
     assert len(workers) > 1000 and agreement >= 0.99
+
+
+def test_adapter_features_from_device_views_match_the_workers(shards_dir, teacher_file, tmp_path, monkeypatch):
+    """Tip-Adapter's keys come from views too: rendered on the device they give the same features and labels."""
+    rendered = []
+    monkeypatch.setattr(teacher_views, "render_views", lambda *args: rendered.append(1) or render_views(*args))
+    cfg = load_config(write_config(tmp_path / "p.yaml", shards_dir, teacher_file))
+    manifest = load_manifest(shards_dir)
+    teacher = load_teacher(cfg.teacher, manifest.class_names, torch.device("cpu"))
+    features = {on_device: teacher_features(teacher, manifest.splits["labelled"], view_recipe(cfg), [4, 5],
+                                            torch.device("cpu"), render_on_device=on_device)
+                for on_device in (False, True)}
+    (workers, labels), (on_device, device_labels) = features[False], features[True]
+    assert torch.equal(labels, device_labels) and workers.shape == on_device.shape == (len(labels), 2, workers.shape[2])
+    assert (workers * on_device).sum(-1).min() > 0.999  # unit vectors: cosine similarity
+    assert rendered, "the device rendered the views"
 
 
 def test_stage_one_rendering_on_device_fills_the_same_store(cached_store, shards_dir, teacher_file, tmp_path):
