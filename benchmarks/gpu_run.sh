@@ -22,12 +22,14 @@ steps=("${@:3}")
 mkdir -p "$out"
 site="${TMPDIR:-/tmp}/site"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1 DHO_FASHION_MNIST="$(realpath "$fmnist")"
+fmnist=$(realpath -e "$fmnist")
+export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1 DHO_FASHION_MNIST="$fmnist"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, open_clip, timm; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"
 for step in "${steps[@]}"; do
   case $step in
     render)
+      python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'"  # else the tests skip
       python3 -m pytest -q -p no:cacheprovider -n 0 -s tests/test_device_render.py -k cuda > "$out/test-device-render.log" 2>&1 \
         && echo "tests/test_device_render.py on CUDA: passed" || echo "tests/test_device_render.py on CUDA: FAILED (see $out/test-device-render.log)"
       grep -h "agreement" "$out/test-device-render.log" || true

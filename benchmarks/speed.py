@@ -248,10 +248,14 @@ def jpeg_stage_one(work: Path, config: Path, fmnist: IdxSource, count: int) -> d
     result = {"images": count, "jpeg_kib": float(np.mean(sizes)) / 1024,
               **render_cost(shards.shards(), cfg), "loader_only": loader_only(shards.shards(), cfg),
               **stage_one(config, overrides)}
-    on_device = (*overrides, "teacher.render=device", f"cache.root={work / 'jpeg-cache-render-on-device'}")
-    result["render_on_device"] = {"loader_only": loader_only(shards.shards(), cfg, on_device=True),
-                                  "render_only": device_render_only(shards.shards(), cfg),
-                                  **stage_one(config, on_device)}
+    on_device = (f"data.shards={shards.root}", f"cache.root={work / 'jpeg-cache-render-on-device'}",
+                 "teacher.render=device")
+    try:
+        result["render_on_device"] = {"loader_only": loader_only(shards.shards(), cfg, on_device=True),
+                                      "render_only": device_render_only(shards.shards(), cfg),
+                                      **stage_one(config, on_device)}
+    except Exception as e:  # the workers' numbers above stay
+        result["render_on_device"] = {"error": f"{type(e).__name__}: {e}"}
     return result
 
 
