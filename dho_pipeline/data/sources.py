@@ -20,7 +20,7 @@ FASHION_MNIST_CLASSES = [
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
 ]
 # Debian's dataset-fashion-mnist; DHO_FASHION_MNIST names another folder of its four idx files
-FASHION_MNIST_DIR = Path(os.environ.get("DHO_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_DIR = Path(os.environ.get("DHO_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
