@@ -253,7 +253,7 @@ def cache_teacher(config: Path | None, overrides: tuple[str, ...], overwrite: bo
 
     Speed on a GPU: the tower runs in teacher.dtype (bf16 by default there) while data.num_workers CPU
     workers decode and crop the views; give them the node's cores. For a teacher faster than they can
-    crop for (ViT-B-16 on an H100), --set teacher.render=device leaves the crops to the GPU.
+    crop for (likely a ViT-B-16 on an H100), --set teacher.render=device leaves the crops to the GPU.
     """
     from stages import cache_teacher as stage
 

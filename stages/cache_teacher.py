@@ -90,7 +90,6 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
         raise ConfigError(f"cache.top_k: {cfg.cache.top_k}, but the shards have {classes} classes: set it at most "
                           f"{classes}, or null to keep every logit")
     recipe = view_recipe(cfg)
-    warn_if_rendering_on_cpu(cfg.teacher.render, runtime.device, cfg.data.num_workers)
     request = fingerprint_hash(stage_one_request(cfg, manifest, runtime.device))
     if not overwrite:
         finished = runtime.broadcast(finished_store(cfg, request) if runtime.is_main else None)
@@ -99,6 +98,7 @@ def run(cfg: PipelineConfig, overwrite: bool = False, max_shards: int | None = N
             return StageOneReport(finished, sources_folder(manifest) if bad else None,
                                   seconds=time.perf_counter() - started, already_complete=True, bad_images=bad)
 
+    warn_if_rendering_on_cpu(cfg.teacher.render, runtime.device, cfg.data.num_workers)  # when there is work
     teacher = load_teacher(cfg.teacher, manifest.class_names, runtime.device, cfg.base_dir)
     attach_adapter(teacher, cfg, manifest, runtime)  # Tip-Adapter(-F) teachers only
     fingerprint = build_fingerprint(teacher.fingerprint, dataclasses.asdict(recipe), manifest, cfg.cache.top_k)

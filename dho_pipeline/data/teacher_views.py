@@ -81,7 +81,8 @@ class TeacherViewBatches(IterableDataset):
             _, height, width = sample.image.shape
             for v, view in enumerate(views):
                 boxes[v], flips[v] = view_params(self.recipe, sample.row, view, width, height)
-                pixels[v] = pixel_box(boxes[v], width, height)
+                if out is None:
+                    pixels[v] = pixel_box(boxes[v], width, height)
         item = {"row": sample.row, "label": sample.label, "bad": sample.image is None, "boxes": boxes, "flips": flips}
         if out is None:
             return item | {"image": sample.image, "pixel_boxes": pixels}
@@ -128,8 +129,9 @@ def padded_sources(images: list[torch.Tensor | None]) -> torch.Tensor:
 def warn_if_rendering_on_cpu(render: str, device: torch.device, workers: int) -> None:
     """teacher.render: device on the CPU works, in one process: say it is slower than the workers."""
     if render == "device" and device.type == "cpu":
-        warn(f"teacher.render: device on the CPU renders every view in this one process, not in the {workers} "
-             "loader workers: slower than teacher.render: workers here")
+        where = f"the {workers} loader workers" if workers else "loader workers"
+        warn(f"teacher.render: device on the CPU renders every view in this one process instead of {where}: "
+             "slower than teacher.render: workers here")
 
 
 def views_on(batch: dict, device: torch.device, size: int) -> torch.Tensor:
